@@ -1,0 +1,145 @@
+"""Markdown table and (optional, matplotlib) PNG plots from a benchmark JSON."""
+
+from __future__ import annotations
+
+IMPL_NAMES = {"torch": "titans-pytorch", "mlx": "titans_mlx"}
+
+
+def _mb(x):
+    return "—" if x is None else f"{x / 2**20:,.0f}"
+
+
+def _g(x):
+    return "—" if x is None else f"{x / 1e9:.1f}"
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """Pair torch and mlx results of the same (seq_len, chunk)."""
+    by = {}
+    for r in results:
+        if r.get("status") == "ok":
+            by.setdefault((r["seq_len"], r["chunk"]), {})[r["impl"]] = r
+    out = []
+    for (n, c), d in sorted(by.items()):
+        if "torch" in d and "mlx" in d:
+            t, m = d["torch"], d["mlx"]
+            tp, mp = t["memory"]["peak_rss_delta_bytes"], m["memory"]["peak_rss_delta_bytes"]
+            speedup = t["median_s"] / m["median_s"]
+            mem_ratio = mp / tp if (tp and mp is not None) else None
+            out.append({"seq_len": n, "chunk": c, "torch_median_s": t["median_s"], "mlx_median_s": m["median_s"],
+                        "speedup_mlx_over_torch": speedup, "torch_peak_rss_delta_bytes": tp,
+                        "mlx_peak_rss_delta_bytes": mp, "mlx_over_torch_peak_memory": mem_ratio,
+                        "target_met": bool(speedup > 1 and mem_ratio is not None and mem_ratio <= 0.25)})
+    return out
+
+
+def markdown(doc: dict) -> str:
+    env, cfg = doc["environment"], doc["config"]
+    lines = [f"# NeuralMemory store+retrieve: titans_mlx vs titans-pytorch ({doc.get('name', '')})", ""]
+    lines.append(f"`NeuralMemory(dim={cfg['dim']}, chunk_size=C, heads={cfg['heads']})`, input "
+                 f"(batch={cfg['batch']}, n, {cfg['dim']}), default memory model; median of {cfg['repeats']} "
+                 f"timed runs after {cfg['warmup']} warm-up; {cfg['threads']} thread(s). "
+                 "Peak memory = peak RSS of the worker process above its post-set-up baseline.")
+    lines.append("")
+    lines.append("| impl | n | C | BLAS | median s | min s | tok/s | peak RSS Δ MB | MLX peak Δ MB "
+                 "| GFLOP/s | matmul GFLOP/s | efficiency |")
+    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in doc["results"]:
+        name = IMPL_NAMES.get(r.get("impl"), r.get("impl"))
+        if r.get("status") != "ok":
+            lines.append(f"| {name} | {r.get('seq_len')} | {r.get('chunk')} | — | failed: "
+                         f"{r.get('error', '?')[:80]} | | | | | | | |")
+            continue
+        mm = r.get("matmul") or {}
+        eff = r.get("efficiency")
+        lines.append(
+            f"| {name} | {r['seq_len']} | {r['chunk']} | {r['blas']['description']} | {r['median_s']:.3f} "
+            f"| {r['min_s']:.3f} | {r['tokens_per_s']:,.0f} | {_mb(r['memory']['peak_rss_delta_bytes'])} "
+            f"| {_mb(r['memory'].get('mlx_peak_delta_bytes'))} | {_g(r['achieved_flops_per_s'])} "
+            f"| {_g(mm.get('flops_per_s'))} | {'—' if eff is None else f'{eff:.0%}'} |")
+    comps = doc.get("comparisons") or []
+    if comps:
+        lines += ["", "| n | C | speed-up (torch time / mlx time) | peak memory mlx / torch | target (faster, ≤ 1/4 memory) |",
+                  "|---:|---:|---:|---:|---|"]
+        for c in comps:
+            mr = c["mlx_over_torch_peak_memory"]
+            lines.append(f"| {c['seq_len']} | {c['chunk']} | {c['speedup_mlx_over_torch']:.2f}× "
+                         f"| {'—' if mr is None else f'{mr:.3f}'} | {'met' if c['target_met'] else 'missed'} |")
+    checks = [(r["seq_len"], r["chunk"], r["check"]) for r in doc["results"]
+              if r.get("status") == "ok" and r.get("check")]
+    if checks:
+        lines += [""]
+        for n, c, ch in checks:
+            if "max_abs_diff_vs_torch" in ch:
+                lines.append(f"- n={n}, C={c}: titans_mlx ran on titans-pytorch's weights and input; output max abs "
+                             f"diff {ch['max_abs_diff_vs_torch']:.2e} (relative {ch['max_rel_diff_vs_torch']:.2e}).")
+            else:
+                lines.append(f"- n={n}, C={c}: weights {ch['weights']}.")
+    lines += ["", "Environment:", ""]
+    v = env.get("versions", {})
+    wv = {}
+    for r in doc["results"]:
+        wv.update(r.get("versions") or {})
+    wv = wv or v
+    lines.append(f"- machine: {env['cpu']} ({env['cpu_count']} CPUs, {env['machine']}), "
+                 f"{_g(env.get('memory_total_bytes'))} GB RAM; {env['os']}")
+    lines.append("- versions: " + ", ".join(f"{k} {wv[k]}" for k in
+                                           ("python", "mlx", "mlx-cpu", "mlx-metal", "torch", "titans-pytorch",
+                                            "titans-mlx", "numpy") if k in wv))
+    backends = []
+    for r in doc["results"]:
+        if r.get("status") == "ok":
+            b = r["backend"]
+            desc = f"{IMPL_NAMES.get(r['impl'])}: {b['framework']} {b.get('device')}, BLAS {r['blas']['description']}"
+            if r["blas"].get("openblas_config"):
+                desc += f" [{r['blas']['openblas_config']}]"
+            if desc not in backends:
+                backends.append(desc)
+    for b in backends:
+        lines.append(f"- {b}")
+    g = env.get("git", {})
+    lines.append(f"- git commit {g.get('commit')}{' (dirty)' if g.get('dirty') else ''}; {env['timestamp_utc']}; "
+                 f"load average at start {env.get('loadavg')}")
+    lines.append(f"- command: `{env['command']}`")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(doc: dict, path: str) -> bool:
+    """Time and peak memory per (n, C) for each implementation. False when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    ok = [r for r in doc["results"] if r.get("status") == "ok"]
+    if not ok:
+        return False
+    keys = sorted({(r["seq_len"], r["chunk"]) for r in ok})
+    impls = [i for i in ("torch", "mlx") if any(r["impl"] == i for r in ok)]
+    blas = {r["impl"]: r["blas"]["description"] for r in ok}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    width = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        rs = {(r["seq_len"], r["chunk"]): r for r in ok if r["impl"] == impl}
+        xs = [i + (j - (len(impls) - 1) / 2) * width for i in range(len(keys))]
+        t = [rs[k]["median_s"] if k in rs else 0 for k in keys]
+        m = [(rs[k]["memory"]["peak_rss_delta_bytes"] or 0) / 2**20 if k in rs else 0 for k in keys]
+        label = f"{IMPL_NAMES[impl]} ({blas[impl].split(' (')[0]})"
+        b0 = axes[0].bar(xs, t, width, label=label)
+        b1 = axes[1].bar(xs, m, width, label=label)
+        axes[0].bar_label(b0, fmt="%.2f", fontsize=8)
+        axes[1].bar_label(b1, fmt="%.0f", fontsize=8)
+    labels = [f"n={n}\nC={c}" for n, c in keys]
+    for ax, title in zip(axes, ("median time per forward (s)", "peak RSS above baseline (MiB)")):
+        ax.set_xticks(range(len(keys)), labels)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    cfg = doc["config"]
+    fig.suptitle(f"NeuralMemory(dim={cfg['dim']}) store+retrieve, batch {cfg['batch']}, {cfg['threads']} thread(s) "
+                 f"— {doc['environment']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

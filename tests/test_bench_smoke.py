@@ -1,0 +1,79 @@
+"""Seconds-long smoke runs of `python -m bench` (the real benchmarks are run by hand, see bench/results/)."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ENV_FIELDS = ("machine", "os", "cpu", "cpu_count", "python", "versions", "git", "command", "timestamp_utc")
+
+
+def _bench(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_env_record():
+    r = _bench("env")
+    assert r.returncode == 0, r.stderr
+    env = json.loads(r.stdout)
+    for field in ENV_FIELDS:
+        assert field in env, field
+    assert "mlx" in env["versions"]
+    assert env["command"].endswith("-m bench env")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--impl", "jax"], "--impl"),
+    (["--blas", "/nonexistent/libblas.so"], "--blas"),
+    (["--repeats", "0"], "--repeats"),
+])
+def test_user_errors_are_one_line(tmp_path, args, message):
+    r = _bench("memory", "--seq-lens", "16", "--dim", "8", "--chunk", "4", "--out", str(tmp_path), *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("titans_mlx.memory") is None, reason="titans_mlx.memory not there yet")
+def test_memory_smoke(tmp_path):
+    impls = "torch,mlx" if importlib.util.find_spec("titans_pytorch") else "mlx"
+    r = _bench("memory", "--seq-lens", "128", "--dim", "32", "--chunk", "8", "--warmup", "0", "--repeats", "1",
+               "--matmul-size", "64", "--matmul-repeats", "1", "--impl", impls, "--out", str(tmp_path),
+               "--name", "smoke", "--no-plot")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    assert (tmp_path / "smoke.md").exists()
+    for field in ENV_FIELDS:
+        assert field in doc["environment"], field
+    assert "--seq-lens 128" in doc["environment"]["command"]
+    assert [r["impl"] for r in doc["results"]] == impls.split(",")
+    for res in doc["results"]:
+        assert res["status"] == "ok", res
+        assert res["seq_len"] == 128 and res["chunk"] == 8
+        assert res["median_s"] > 0 and res["flops"] > 0 and res["matmul"]["flops_per_s"] > 0
+        assert res["blas"]["description"]
+        assert res["memory"]["peak_rss_delta_bytes"] is not None
+        assert ("mlx" if res["impl"] == "mlx" else "torch") in res["versions"]
+    mlx_res = doc["results"][-1]
+    assert mlx_res["memory"]["mlx_peak_bytes"] > 0
+    if impls == "torch,mlx":
+        assert len(doc["comparisons"]) == 1
+        # same weights and input: the outputs agree
+        assert mlx_res["check"]["max_rel_diff_vs_torch"] < 1e-4, mlx_res["check"]
+
+
+def test_flop_formula_default_config():
+    from bench.flops import neural_memory_flops
+
+    d, n, c = 384, 4096, 64
+    h = 4 * d
+    # independent re-derivation for H=1: store 4nd^2 + 10ndh, retrieve 2nd^2 + 4ndh, small terms
+    big = 6 * n * d * d + 14 * n * d * h
+    small = 2 * n * d + (n // c) * (4 * d + 4 * (2 * d * h + d))
+    assert neural_memory_flops(n, d, c) == big + small
