@@ -117,6 +117,12 @@ def test_is_legacy_state_dict_edge_cases() -> None:
         HyperConnection.is_legacy_state_dict(["layers.0.1.dynamic_alpha_scale", "layers.0.1.pre_branch_scale"])
 
 
+def test_fresh_init_reads_one_stream() -> None:
+    alpha = np.array(HyperConnection(16, 4).static_alpha)
+    assert alpha[:, 0].sum() == 1 and set(alpha[:, 0]) == {0, 1}
+    np.testing.assert_array_equal(alpha[:, 1:], np.eye(4))
+
+
 def test_one_stream_rejected() -> None:
     with pytest.raises(ValueError):
         HyperConnection(16, 1)

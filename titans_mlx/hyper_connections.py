@@ -14,6 +14,7 @@ Streams are laid out as (b, n, s, d); torch keeps them as (b*s, n, d) with the s
 ``rearrange(t, '(b s) n d -> b n s d')`` maps a torch tensor to this layout.
 """
 
+import random
 from typing import Callable, Iterable
 
 import mlx.core as mx
@@ -86,8 +87,11 @@ class HyperConnection(nn.Module):
         self.legacy_mix_residuals = legacy_mix_residuals
         s = num_streams
         self.norm = _RMSNorm(dim)
-        # column 0 weighs the streams into the branch input, columns 1.. mix stream `from` (row) into stream `to`
-        self.static_alpha = mx.concatenate([mx.zeros((s, 1)), mx.eye(s)], axis=1)
+        # column 0 weighs the streams into the branch input, columns 1.. mix stream `from` (row) into stream `to`;
+        # fresh models read one stream drawn with Python's `random`, as the package does (checkpoints overwrite it)
+        pre = mx.zeros((s, 1))
+        pre[random.randrange(s)] = 1.0
+        self.static_alpha = mx.concatenate([pre, mx.eye(s)], axis=1)
         if legacy:
             self.dynamic_alpha_fn = mx.zeros((dim, s + 1))
             self.dynamic_alpha_scale = mx.array(1e-2)
