@@ -1,0 +1,177 @@
+"""MAC transformer: logits vs titans-pytorch fixtures, streaming with a cache, greedy decoding, checkpoints."""
+
+import importlib.util
+import json
+import random
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from titans_mlx.mac import Model, ModelArgs
+
+HAS_MEMORY = importlib.util.find_spec("titans_mlx.memory") is not None
+HAS_HYPER = importlib.util.find_spec("titans_mlx.hyper_connections") is not None
+
+CASES = ["block_s1", "sliding_s1", "block_s1_mem", "block_s4_mem", "sliding_s4_gate", "block_s4_wres_views",
+         "sliding_s1_ttt_heads", "train_mac_small", "legacy_hc"]
+
+
+def needs(config):
+    if config.get("neural_memory_layers", None) != [] and not HAS_MEMORY:
+        pytest.skip("titans_mlx.memory not available yet")
+    if config.get("num_residual_streams", 4) > 1 and not HAS_HYPER:
+        pytest.skip("titans_mlx.hyper_connections not available yet")
+
+
+def load_fixture(name):
+    arrays, meta = mx.load(str(FIXTURES / f"mac_{name}.safetensors"), return_metadata=True)
+    config = json.loads(meta["config"])
+    needs(config)
+    sd = {k[3:]: v for k, v in arrays.items() if k.startswith("sd.")}
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights(list(model.sanitize(sd).items()), strict=True)
+    return model, arrays, sd
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_logits_match_titans_pytorch(name):
+    model, arrays, _ = load_fixture(name)
+    logits = model(arrays["tokens"])
+    assert logits.shape == arrays["logits"].shape
+    assert rel_err(logits, arrays["logits"]) <= 1e-4
+
+
+def random_splits(n, rng, max_piece):
+    cuts, i = [], 0
+    while i < n:
+        step = rng.choice([1, 1, 2, rng.randint(1, max_piece)])
+        cuts.append((i, min(n, i + step)))
+        i += step
+    return cuts
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_any_split_equals_one_call(name):
+    model, arrays, _ = load_fixture(name)
+    tokens = arrays["tokens"]
+    full = model(tokens)
+    n = tokens.shape[1]
+    seg = model.segment_len
+    rng = random.Random(name)
+    splits = [
+        [(0, n)],
+        [(i, i + 1) for i in range(n)],  # token by token
+        [(0, seg), (seg, 2 * seg), (2 * seg, n)],  # ends exactly on segment boundaries: long-term tokens come later
+        [(0, seg + 3), (seg + 3, 3 * seg + 1), (3 * seg + 1, n)],
+        random_splits(n, rng, 2 * model.window + 3),
+        random_splits(n, rng, 7),
+    ]
+    for cuts in splits:
+        cache = model.make_cache()
+        pieces = [model(tokens[:, a:b], cache=cache) for a, b in cuts]
+        assert rel_err(mx.concatenate(pieces, axis=1), full) <= 1e-5, cuts
+
+
+def test_cache_keeps_only_the_window():
+    model, arrays, _ = load_fixture("sliding_s4_gate" if HAS_MEMORY and HAS_HYPER else "sliding_s1")
+    tokens = mx.concatenate([arrays["tokens"]] * 3, axis=1)
+    cache = model.make_cache()
+    for i in range(tokens.shape[1]):
+        model(tokens[:, i:i + 1], cache=cache)
+        for c in cache:
+            assert c.attention.keys.shape[2] <= 2 * model.window
+            if c.memory_state is not None:
+                assert c.memory_state.buffer.shape[-2] < model.args.neural_memory_segment_len
+    assert cache[0].offset == model.positions_for(tokens.shape[1])
+
+
+def test_cache_state_round_trip(tmp_path):
+    from titans_mlx.cache import cache_from_arrays, cache_to_arrays
+
+    name = "block_s4_wres_views" if HAS_MEMORY and HAS_HYPER else "block_s1"
+    model, arrays, _ = load_fixture(name)
+    tokens = arrays["tokens"]
+    full = model(tokens)
+    cache = model.make_cache()
+    first = model(tokens[:, :21], cache=cache)
+    flat, meta = cache_to_arrays(cache)
+    mx.save_safetensors(str(tmp_path / "cache.safetensors"), flat, metadata=meta)
+    flat, meta = mx.load(str(tmp_path / "cache.safetensors"), return_metadata=True)
+    restored = cache_from_arrays(flat, meta)
+    rest = model(tokens[:, 21:], cache=restored)
+    assert rel_err(mx.concatenate([first, rest], axis=1), full) <= 1e-5
+
+
+def test_greedy_decoding_matches_titans_pytorch_sample():
+    model, arrays, _ = load_fixture("greedy")
+    prompt, expected = arrays["prompt"], np.asarray(arrays["generated"])
+    cache = model.make_cache()
+    logits = model(prompt, cache=cache)
+    out = []
+    for _ in range(expected.shape[1]):
+        token = mx.argmax(logits[:, -1], axis=-1)[:, None]
+        out.append(token)
+        logits = model(token, cache=cache)
+    assert np.array_equal(np.asarray(mx.concatenate(out, axis=1)), expected)
+
+
+def test_sanitize_is_idempotent_and_strict():
+    name = "block_s1_mem" if HAS_MEMORY else "block_s1"
+    model, _, sd = load_fixture(name)
+    once = model.sanitize(sd)
+    twice = model.sanitize(once)
+    assert once.keys() == twice.keys()
+    assert all(mx.array_equal(once[k], twice[k]) for k in once)
+    with pytest.raises(ValueError):
+        model.load_weights(list({k: v for k, v in once.items() if "to_logits" not in k}.items()), strict=True)
+
+
+def test_model_args():
+    args = ModelArgs.from_dict(dict(num_tokens=10, dim=8, depth=3, segment_len=4, something_else=1))
+    assert args.neural_memory_layers == (1, 2, 3) and args.neural_memory_segment_len == 4
+    assert args.model_type == "titans_mac"
+    with pytest.raises(ValueError, match="neural_memory_layers"):
+        ModelArgs(num_tokens=10, dim=8, depth=2, segment_len=4, neural_memory_layers=(3,))
+    with pytest.raises(ValueError, match="segment_len"):
+        ModelArgs(num_tokens=10, dim=8, depth=2, segment_len=0)
+
+
+def test_bad_inputs():
+    model = Model(ModelArgs(num_tokens=10, dim=8, depth=1, segment_len=4, dim_head=4, heads=2,
+                            num_residual_streams=1, neural_memory_layers=()))
+    with pytest.raises(ValueError, match="shape"):
+        model(mx.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="cache"):
+        model(mx.array([[1, 2]]), cache=[])
+    assert model(mx.zeros((2, 0), dtype=mx.int32)).shape == (2, 0, 10)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(num_residual_streams=1, neural_memory_layers=(2,), sliding_window_attn=True, num_persist_mem_tokens=0),
+    dict(num_residual_streams=4, neural_memory_layers=(1, 3), depth=3, neural_mem_weight_residual=True,
+         neural_memory_qkv_receives_diff_views=True, num_longterm_mem_tokens=0),
+])
+def test_live_against_titans_pytorch(overrides):
+    pytest.importorskip("titans_pytorch")
+    import torch
+
+    sys.path.insert(0, str(FIXTURES))
+    import make_mac_fixtures as mk
+
+    config = mk.full_config(overrides)
+    needs(config)
+    tmodel = mk.build_torch_model(config, seed=7)
+    tokens = mk.make_tokens(config["num_tokens"], 2, 53, seed=8)
+    with torch.no_grad():
+        expected = tmodel(tokens).numpy()
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights(list(model.sanitize(mk.state_dict_numpy(tmodel)).items()), strict=True)
+    assert rel_err(model(mx.array(tokens.numpy())), expected) <= 1e-4

@@ -1,0 +1,330 @@
+"""Memory-as-Context transformer (titans-pytorch 0.5.5 ``MemoryAsContextTransformer``) in MLX.
+
+Layout of a sequence of n tokens: after every ``segment_len`` tokens come ``num_longterm_mem_tokens`` learned tokens
+(only when more tokens follow), so the model runs on L = ((n - 1) // S) * M + n positions; the long-term tokens are
+removed before the final norm. Every layer: [NeuralMemory (store, then retrieve) ->] segmented attention -> SwiGLU
+feed-forward, each branch on residual streams (plain residual, or hyper-connections with several streams).
+
+With a cache (``make_cache``) a sequence can be fed in any pieces; the model inserts the long-term tokens itself when
+a piece crosses a segment boundary. Decoding keeps only the attention window(s) and the NeuralMemory state.
+Note: titans-pytorch's own cached ``sample(use_cache=True)`` drops the current window in block (non-sliding) mode for
+prompts longer than one window; we reproduce its parallel forward (and its uncached ``sample``) instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .attention import RMSNorm, SegmentedAttention
+from .cache import MACLayerCache
+
+
+@dataclass
+class ModelArgs:
+    num_tokens: int
+    dim: int
+    depth: int
+    segment_len: int
+    model_type: str = "titans_mac"
+    neural_memory_segment_len: Optional[int] = None
+    neural_mem_gate_attn_output: bool = False
+    neural_memory_add_value_residual: bool = False  # accepted and unused, as in titans-pytorch
+    num_longterm_mem_tokens: int = 0
+    num_persist_mem_tokens: int = 0
+    neural_memory_batch_size: Optional[int] = None
+    neural_memory_qkv_receives_diff_views: bool = False
+    dim_head: int = 64
+    heads: int = 8
+    ff_mult: float = 4
+    num_residual_streams: int = 4
+    neural_memory_model: Optional[dict] = None
+    neural_memory_kwargs: dict = field(default_factory=dict)
+    neural_memory_layers: Optional[tuple] = None
+    use_flex_attn: bool = False  # CUDA-only in titans-pytorch; the same mask is computed densely here
+    sliding_window_attn: bool = False
+    neural_mem_weight_residual: bool = False
+    legacy_hyper_connections: bool = False  # residual streams of titans-pytorch <= 0.4.x (plain HC, not mHC)
+    legacy_hyper_connections_mix_residuals: bool = False  # plain HC of hyper-connections >= 0.3.10 (see hyper_connections)
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        known = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in known})
+
+    def __post_init__(self):
+        for name in ("num_tokens", "dim", "depth", "segment_len", "dim_head", "heads", "num_residual_streams"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("num_longterm_mem_tokens", "num_persist_mem_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.model_type != "titans_mac":
+            raise ValueError(f"model_type must be 'titans_mac', got {self.model_type!r}")
+        if self.neural_memory_segment_len is None:
+            self.neural_memory_segment_len = self.segment_len + self.num_longterm_mem_tokens
+        if self.neural_memory_layers is None:
+            self.neural_memory_layers = tuple(range(1, self.depth + 1))
+        self.neural_memory_layers = tuple(self.neural_memory_layers)
+        bad = [i for i in self.neural_memory_layers if not (isinstance(i, int) and 1 <= i <= self.depth)]
+        if bad:
+            raise ValueError(f"neural_memory_layers must be 1-based layer numbers in 1..{self.depth}, got {bad}")
+        if self.neural_memory_model is not None and not isinstance(self.neural_memory_model, dict):
+            raise ValueError("neural_memory_model must be a dict like {'class': 'MemoryMLP', 'dim': 64, ...} or None")
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: float = 4):
+        super().__init__()
+        inner = int(dim * mult * 2 / 3)
+        self.norm = RMSNorm(dim)
+        self.proj_in = nn.Linear(dim, inner * 2)
+        self.proj_out = nn.Linear(inner, dim)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        value, gate = mx.split(self.proj_in(self.norm(x)), 2, axis=-1)
+        return self.proj_out(nn.silu(gate) * value)
+
+
+class AxialPositionalEmbedding(nn.Module):
+    """pos(t) = mlps[0](t // P) + mlps[1](t % P), each MLP fed the raw integer as a float."""
+
+    def __init__(self, dim: int, period: int):
+        super().__init__()
+        self.period = period
+        hidden = 2 * dim
+        self.mlps = [
+            nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
+            for _ in range(2)
+        ]
+
+    def __call__(self, start: int, stop: int, dtype) -> mx.array:
+        P = self.period
+        lo, hi = start // P, (stop - 1) // P + 1
+        outer = self.mlps[0](mx.arange(lo, hi, dtype=dtype)[:, None])
+        inner = self.mlps[1](mx.arange(P, dtype=dtype)[:, None])
+        pos = mx.arange(start, stop)
+        return outer[pos // P - lo] + inner[pos % P]
+
+
+class MemoryQKVSelector(nn.Module):
+    """Softmax weights choosing the memory's query/key/value inputs among earlier layers' intermediates."""
+
+    def __init__(self, dim: int, num_choices: int):
+        super().__init__()
+        self.num_choices = num_choices
+        self.norm = RMSNorm(dim)
+        self.proj = nn.Linear(dim, 3 * num_choices)
+
+    def __call__(self, mem_input: mx.array, choices: list) -> mx.array:
+        logits = self.proj(self.norm(mem_input))
+        weights = mx.softmax(logits.reshape(*logits.shape[:-1], 3, self.num_choices), axis=-1)  # (b, n, 3, l)
+        stacked = mx.stack(choices, axis=-1)  # (b, n, d, l)
+        return mx.einsum("bndl,bnvl->vbnd", stacked, weights)
+
+
+class _PlainResidual:
+    """One residual stream: branch sees x, output is x + branch_out."""
+
+    def __call__(self, x):
+        return x, lambda out: out + x
+
+
+class MACLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int, has_memory: bool, weight_residual: bool):
+        super().__init__()
+        streams = args.num_residual_streams
+        self.has_memory = has_memory
+        self.attn = SegmentedAttention(
+            args.dim, args.segment_len, args.num_persist_mem_tokens, args.num_longterm_mem_tokens,
+            args.dim_head, args.heads, args.sliding_window_attn, accept_value_residual=layer > 1,
+        )
+        self.ff = FeedForward(args.dim, args.ff_mult)
+        if streams > 1:
+            from .hyper_connections import HyperConnection
+
+            hc = lambda **kw: HyperConnection(args.dim, streams, legacy=args.legacy_hyper_connections,
+                                              legacy_mix_residuals=args.legacy_hyper_connections_mix_residuals, **kw)
+            self.attn_hyper_conn, self.ff_hyper_conn = hc(), hc()
+            if has_memory:
+                self.mem_hyper_conn = hc(add_branch_out_to_residual=not args.neural_mem_gate_attn_output)
+        if has_memory:
+            from .memory import NeuralMemory
+
+            model = None
+            if args.neural_memory_model is not None:
+                from .memory_models import build_memory_model
+
+                model = build_memory_model(dict(args.neural_memory_model))
+            if layer > 1 and args.neural_memory_qkv_receives_diff_views:
+                self.mem_qkv_selector = MemoryQKVSelector(args.dim, (layer - 1) * 4 + 1)
+            kwargs = dict(args.neural_memory_kwargs)
+            self.mem = NeuralMemory(
+                dim=args.dim, chunk_size=args.neural_memory_segment_len, batch_size=args.neural_memory_batch_size,
+                model=model, qkv_receives_diff_views=True, accept_weight_residual=weight_residual, **kwargs,
+            )
+
+    def _hc(self, name):
+        return self[name] if name in self else _PlainResidual()
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.segment_len = S = args.segment_len
+        self.num_longterm = M = args.num_longterm_mem_tokens
+        self.window = S + M
+        self.token_emb = nn.Embedding(args.num_tokens, args.dim)
+        self.axial_pos_emb = AxialPositionalEmbedding(args.dim, args.neural_memory_segment_len)
+        self.longterm_mems = mx.random.normal((M, args.dim)) * 0.02
+        if args.num_residual_streams > 1:
+            self.stream_embed = mx.zeros((args.num_residual_streams, args.dim))
+        memory_layers = set(args.neural_memory_layers)
+        first_memory = min(memory_layers, default=None)
+        self.layers = [
+            MACLayer(args, i, i in memory_layers, args.neural_mem_weight_residual and i != first_memory)
+            for i in range(1, args.depth + 1)
+        ]
+        self.norm = RMSNorm(args.dim)
+        self.to_logits = nn.Linear(args.dim, args.num_tokens, bias=False)
+
+    # ---- positions -------------------------------------------------------------------------------------------------
+
+    def positions_for(self, num_tokens: int) -> int:
+        """Number of positions (tokens + interleaved long-term tokens) the model runs on for num_tokens tokens."""
+        return 0 if num_tokens == 0 else ((num_tokens - 1) // self.segment_len) * self.num_longterm + num_tokens
+
+    def _layout(self, start: int, stop: int, n: int):
+        # for positions start..stop-1: index into [n tokens of this call; long-term tokens], and where the tokens are
+        pos = np.arange(start, stop)
+        in_window = pos % self.window
+        is_mem = in_window >= self.segment_len
+        index = np.where(is_mem, n + in_window - self.segment_len, np.cumsum(~is_mem) - 1)
+        return index, np.nonzero(~is_mem)[0]
+
+    # ---- forward ---------------------------------------------------------------------------------------------------
+
+    def make_cache(self) -> list:
+        return [MACLayerCache() for _ in self.layers]
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        if inputs.ndim != 2:
+            raise ValueError(f"inputs must be token ids of shape (batch, n), got shape {tuple(inputs.shape)}")
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}; use model.make_cache()")
+        b, n = inputs.shape
+        start = cache[0].offset if cache is not None else 0
+        seen = self._tokens_before(start)
+        stop = self.positions_for(seen + n)
+        if n == 0:
+            return mx.zeros((b, 0, self.args.num_tokens), self.to_logits.weight.dtype)
+
+        tokens = self.token_emb(inputs)
+        index, token_positions = self._layout(start, stop, n)
+        if self.num_longterm:
+            mems = mx.broadcast_to(self.longterm_mems[None].astype(tokens.dtype), (b, self.num_longterm, tokens.shape[-1]))
+            tokens = mx.concatenate([tokens, mems], axis=1)
+        x = tokens[:, mx.array(index)]
+        x = x + self.axial_pos_emb(start, stop, x.dtype)
+
+        streams = self.args.num_residual_streams
+        if streams > 1:
+            x = x[:, :, None, :] + self.stream_embed.astype(x.dtype)
+
+        value_residual = None
+        prev_weights = None
+        mem_inputs = []  # attn in/out and ff in/out of every layer, for the qkv view selector
+        for i, layer in enumerate(self.layers):
+            c = cache[i] if cache is not None else None
+            gates = None
+            if layer.has_memory:
+                mem_in, add_mem = layer._hc("mem_hyper_conn")(x)
+                if "mem_qkv_selector" in layer:
+                    qkv = layer.mem_qkv_selector(mem_in, [mem_in, *mem_inputs])
+                else:
+                    qkv = mx.stack([mem_in, mem_in, mem_in])
+                state = c.memory_state if c is not None else None
+                if self.args.neural_mem_weight_residual:
+                    retrieved, state, updates = layer.mem(qkv, state, prev_weights, return_updates=True)
+                    prev_weights = updates
+                else:
+                    retrieved, state = layer.mem(qkv, state)
+                if c is not None:
+                    c.memory_state = state
+                if self.args.neural_mem_gate_attn_output:
+                    gates = mx.sigmoid(retrieved)
+                else:
+                    x = add_mem(retrieved)
+
+            attn_in, add_attn = layer._hc("attn_hyper_conn")(x)
+            attn_out, values = layer.attn(attn_in, start, value_residual, c.attention if c is not None else None, gates)
+            if value_residual is None:
+                value_residual = values
+            x = add_attn(attn_out)
+
+            ff_in, add_ff = layer._hc("ff_hyper_conn")(x)
+            ff_out = layer.ff(ff_in)
+            x = add_ff(ff_out)
+            if self.args.neural_memory_qkv_receives_diff_views:
+                mem_inputs += [attn_in, attn_out, ff_in, ff_out]
+
+        if streams > 1:
+            x = x.sum(axis=2)
+        if self.num_longterm:
+            x = x[:, mx.array(token_positions)]
+        return self.to_logits(self.norm(x))
+
+    def _tokens_before(self, position: int) -> int:
+        # positions already processed always end on a token, never inside a run of long-term tokens
+        full, rest = divmod(position, self.window)
+        return full * self.segment_len + min(rest, self.segment_len)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+
+    _SLOTS = {"0": "mem_hyper_conn", "1": "attn_hyper_conn", "2": "ff_hyper_conn", "3": "mem_qkv_selector",
+              "4": "mem", "5": "attn", "6": "ff"}
+    _SUBLAYERS = {"ff": {"0": "norm", "1": "proj_in", "3": "proj_out"}, "mem_qkv_selector": {"0": "norm", "1": "proj"},
+                  "attn": {"to_learned_v_mix.0": "to_learned_v_mix"}}
+
+    def sanitize(self, weights: dict) -> dict:
+        """titans-pytorch ``MemoryAsContextTransformer`` state-dict names -> ours (idempotent)."""
+        out, memories = {}, {}
+        for key, value in weights.items():
+            if not isinstance(value, mx.array):
+                value = mx.array(np.asarray(value))
+            if key == "zero" or key.endswith((".cached_freqs", ".dummy")) or key == "axial_pos_emb.dummy":
+                continue
+            key = key.replace("expand_streams.stream_embed", "stream_embed")
+            key = re.sub(r"^axial_pos_emb\.mlps\.(\d+)\.(\d+)\.", r"axial_pos_emb.mlps.\1.layers.\2.", key)
+            m = re.match(r"^layers\.(\d+)\.(\d+)\.(.*)$", key)
+            if m:
+                key = f"layers.{m[1]}.{self._SLOTS[m[2]]}.{m[3]}"
+            m = re.match(r"^layers\.(\d+)\.(\w+)\.(.*)$", key)
+            if m and m[2] == "mem":
+                memories.setdefault(m[1], {})[m[3]] = value
+                continue
+            if m and m[2] in self._SUBLAYERS:
+                rest = m[3]
+                for old, new in self._SUBLAYERS[m[2]].items():
+                    if rest.startswith(old + "."):
+                        rest = new + rest[len(old):]
+                key = f"layers.{m[1]}.{m[2]}.{rest}"
+            out[key] = value
+        for i, sub in memories.items():
+            layer = self.layers[int(i)]
+            if not layer.has_memory:
+                raise ValueError(f"checkpoint has NeuralMemory weights for layer {int(i) + 1}, "
+                                 f"which is not in neural_memory_layers {self.args.neural_memory_layers}")
+            for k, v in layer.mem.sanitize(sub).items():
+                out[f"layers.{i}.mem.{k}"] = v
+        return out
