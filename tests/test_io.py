@@ -1,0 +1,121 @@
+"""titans_mlx.io: model directories (config.json, sharded safetensors, tokenizer), written atomically, loaded strictly."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+
+from titans_mlx import io as tio
+from titans_mlx.tokenizer import ByteTokenizer
+
+
+class Tiny(nn.Module):
+    def __init__(self, dim, depth):
+        super().__init__()
+        self.layers = [nn.Linear(dim, dim) for _ in range(depth)]
+        self.norm = nn.RMSNorm(dim)
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.norm(x)
+
+    def sanitize(self, weights):
+        return {k.replace("blocks.", "layers."): v for k, v in weights.items()}
+
+
+@pytest.fixture
+def tiny_type(monkeypatch):
+    kind = tio.ModelType(
+        build=lambda c: Tiny(c["dim"], c.get("depth", 2)),
+        complete=lambda c: {"depth": 2, **c},
+    )
+    monkeypatch.setitem(tio.MODEL_TYPES, "tiny_test", kind)
+    return {"model_type": "tiny_test", "dim": 8}
+
+
+def outputs(model):
+    return np.array(model(mx.arange(16, dtype=mx.float32).reshape(2, 8) / 10))
+
+
+def test_roundtrip(tmp_path, tiny_type):
+    model = Tiny(8, 2)
+    out = tio.save_model(tmp_path / "m", model, tiny_type, ByteTokenizer())
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    text = (out / "config.json").read_text()
+    assert json.loads(text) == {"depth": 2, "dim": 8, "model_type": "tiny_test"}
+    assert text.index('"depth"') < text.index('"dim"') < text.index('"model_type"')  # sorted
+    _, meta = mx.load(str(out / "model.safetensors"), return_metadata=True)
+    assert meta == {"format": "mlx"}
+    loaded, tok = tio.load(out)
+    assert isinstance(tok, ByteTokenizer) and not loaded.training
+    np.testing.assert_array_equal(outputs(loaded), outputs(model))
+    assert not list(tmp_path.glob(".m.*"))  # no temp dirs left
+
+
+def test_sharded(tmp_path, tiny_type):
+    model = Tiny(8, 3)
+    config = {**tiny_type, "depth": 3}
+    out = tio.save_model(tmp_path / "m", model, config, max_shard_bytes=300)
+    shards = sorted(p.name for p in out.glob("model-*.safetensors"))
+    assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    index = json.loads((out / tio.INDEX_FILE).read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    assert index["metadata"]["total_parameters"] == 3 * (64 + 8) + 8
+    loaded, _ = tio.load(out)
+    np.testing.assert_array_equal(outputs(loaded), outputs(model))
+    (out / shards[1]).unlink()
+    with pytest.raises(ValueError, match=f"shard {shards[1]} .* is missing"):
+        tio.load(out)
+
+
+def rewrite_weights(path, change):
+    weights = dict(mx.load(str(path / "model.safetensors")))
+    change(weights)
+    mx.save_safetensors(str(path / "model.safetensors"), weights)
+
+
+def test_strict(tmp_path, tiny_type):
+    out = tio.save_model(tmp_path / "m", Tiny(8, 2), tiny_type)
+    rewrite_weights(out, lambda w: w.pop("layers.1.bias"))
+    with pytest.raises(ValueError, match=r"lacks weight layers\.1\.bias"):
+        tio.load(out)
+    rewrite_weights(out, lambda w: w.update({"layers.1.bias": mx.zeros(8), "extra.weight": mx.zeros(2)}))
+    with pytest.raises(ValueError, match=r"has weight extra\.weight .*does not create"):
+        tio.load(out)
+    rewrite_weights(out, lambda w: (w.pop("extra.weight"), w.update({"norm.weight": mx.zeros(9)})))
+    with pytest.raises(ValueError, match=r"norm\.weight: .* shape \(9,\), the config gives \(8,\)"):
+        tio.load(out)
+    rewrite_weights(out, lambda w: w.update({"blocks.0.weight": w.pop("layers.0.weight"), "norm.weight": mx.ones(8)}))
+    tio.load(out)  # sanitize runs on load
+
+
+def test_overwrite_rules(tmp_path, tiny_type):
+    out = tio.save_model(tmp_path / "m", Tiny(8, 2), tiny_type)
+    with pytest.raises(FileExistsError, match="already exists"):
+        tio.save_model(out, Tiny(8, 2), tiny_type)
+    model = Tiny(8, 2)
+    tio.save_model(out, model, tiny_type, overwrite=True)
+    np.testing.assert_array_equal(outputs(tio.load(out)[0]), outputs(model))
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not a model directory"):
+        tio.save_model(precious, model, tiny_type, overwrite=True)
+    assert (precious / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "m"]
+
+
+def test_bad_directories(tmp_path, tiny_type):
+    with pytest.raises(ValueError, match="not a model directory"):
+        tio.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="no config.json"):
+        tio.load(tmp_path)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="unknown model_type 'llama'"):
+        tio.load(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(tiny_type))
+    with pytest.raises(ValueError, match="no model.*safetensors"):
+        tio.load(tmp_path)
