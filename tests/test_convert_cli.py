@@ -162,8 +162,11 @@ def test_weight_shape_mismatch_names_key(tmp_path, mac_module):
     res = run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out)
     assert_fails(res, "the checkpoint has shape", out)
     assert "layers.0.ff" in res.stderr and "the config gives" in res.stderr
-    bad = write_json(tmp_path / "c.json", {**config, "neural_memory_kwargs": {"heads": 2, "dim_head": 8, "qk_rmsnorm": True}})
+    bad = write_json(tmp_path / "c.json", {**config, "neural_memory_kwargs": {"post_rmsnorm": True}})
     assert_fails(run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out), "lacks weights", out)
+    bad = write_json(tmp_path / "c.json", {**config, "neural_memory_kwargs": {"qk_rmsnorm": True}})
+    assert_fails(run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out),
+                 "qk_rmsnorm=True does not fit the checkpoint: layers.1.4.q_norm.gamma is absent", out)
 
 
 # ---- bad input: no model classes needed ----------------------------------------------------------------------------
