@@ -81,8 +81,13 @@ def convert(args) -> Path:
     from .configs import ConfigError, check_config, describe_keys
 
     out = Path(args.mlx_path)
-    if (out.exists() or out.is_symlink()) and not args.force:
-        raise UserError(f"--mlx-path {out} already exists (pass --force to replace it)")
+    if out.exists() or out.is_symlink():
+        from titans_mlx.io import is_model_dir
+
+        if not args.force:
+            raise UserError(f"--mlx-path {out} already exists (pass --force to replace it)")
+        if not is_model_dir(out):
+            raise UserError(f"--mlx-path {out} exists and is not a model directory; refusing to replace it")
     tokenizer = None
     if args.kind == "mac":
         from titans_mlx.tokenizer import make_tokenizer
@@ -167,14 +172,15 @@ def main(argv=None) -> int:
     except (UserError, CheckpointError, ConfigError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
-        if os.environ.get("TITANS_MLX_DEBUG"):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # still one line; TITANS_MLX_DEBUG=1 shows the traceback
+        if os.environ.get("TITANS_MLX_DEBUG"):
+            raise
+        kind = "" if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: "
+        print(f"error: {kind}{_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 

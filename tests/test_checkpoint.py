@@ -86,21 +86,23 @@ def _global_bytes(module, name):
     return f"c{module}\n{name}\n".encode()
 
 
-def fake_tensor_pickle(size, stride, offset, numel, storage="FloatStorage", key="0"):
+def fake_tensor_pickle(size, stride, offset, numel, storage="FloatStorage", key="0", location="cpu"):
     """data.pkl bytes for {'w': _rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())}."""
     def tup(xs):
         return b"(" + b"".join(b"K" + bytes([x]) for x in xs) + b"t"
 
     pid = (b"(X\x07\x00\x00\x00storage" + _global_bytes("torch", storage)
-           + b"X" + len(key).to_bytes(4, "little") + key.encode() + b"X\x03\x00\x00\x00cpu" + b"K" + bytes([numel]) + b"tQ")
+           + b"X" + len(key).to_bytes(4, "little") + key.encode()
+           + b"X" + len(location).to_bytes(4, "little") + location.encode() + b"K" + bytes([numel]) + b"tQ")
     args = (b"(" + pid + b"K" + bytes([offset]) + tup(size) + tup(stride) + b"\x89"
             + _global_bytes("collections", "OrderedDict") + b")Rt")
     return (b"\x80\x02}(X\x01\x00\x00\x00w" + _global_bytes("torch._utils", "_rebuild_tensor_v2") + args + b"Ru.")
 
 
-def test_fake_tensor_pickle_is_understood(tmp_path):
+@pytest.mark.parametrize("location", ["cpu", "cuda:0"])  # train_mac.py saves from the GPU
+def test_fake_tensor_pickle_is_understood(tmp_path, location):
     raw = np.arange(6, dtype="<f4").tobytes()
-    path = torch_like_zip(tmp_path / "ok.pt", fake_tensor_pickle((2, 2), (1, 2), 1, 6), {"0": raw})
+    path = torch_like_zip(tmp_path / "ok.pt", fake_tensor_pickle((2, 2), (1, 2), 1, 6, location=location), {"0": raw})
     sd, _ = read_checkpoint(path)
     np.testing.assert_array_equal(np.array(sd["w"]), np.array([[1, 3], [2, 4]], np.float32))
 

@@ -150,8 +150,10 @@ def _write_weights(path: Path, weights: Dict[str, mx.array], max_shard_bytes: in
     (path / INDEX_FILE).write_text(json.dumps(index, indent=4) + "\n")
 
 
-def _replaceable(path: Path) -> bool:
+def is_model_dir(path) -> bool:
+    """True for an empty directory or one holding a config.json: what `overwrite` may replace."""
     # --force only ever replaces what looks like one of our outputs, never an arbitrary directory
+    path = Path(path)
     if path.is_symlink() or not path.is_dir():
         return False
     entries = list(path.iterdir())
@@ -185,7 +187,7 @@ def save_model(
     if path.exists() or path.is_symlink():
         if not overwrite:
             raise FileExistsError(f"{path} already exists (use --force / overwrite=True to replace it)")
-        if not _replaceable(path):
+        if not is_model_dir(path):
             raise FileExistsError(f"{path} exists and is not a model directory; refusing to replace it")
     full = _jsonable(complete_config(config))
     weights = dict(tree_flatten(model.parameters()))
