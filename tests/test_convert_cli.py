@@ -74,6 +74,14 @@ def test_mac_end_to_end(tmp_path, mac_module):
     ref = np.load(CK / "mac_tiny.npz")
     assert rel_err(model(mx.array(ref["tokens"])), ref["logits"]) <= 1e-4
 
+    # what load returns drives mlx-lm's generation as is: greedy, cached, equals an uncached argmax loop
+    mlx_lm = pytest.importorskip("mlx_lm")
+    text = "".join(r.text for r in mlx_lm.stream_generate(model, tok, "Titans", max_tokens=9))
+    ids = tok.encode("Titans")
+    for _ in range(9):
+        ids.append(int(mx.argmax(model(mx.array([ids]))[0, -1]).item()))
+    assert text == tok.decode(ids[6:])
+
 
 def test_config_completed_from_weights(tmp_path, mac_module):
     from titans_mlx.io import load
