@@ -1,0 +1,256 @@
+"""Memory networks: the small models whose weights *are* the Titans long-term memory.
+
+Each model is a frozen dataclass (hashable, so compiled steps are shared between memories of the same shape) and a
+pure function of ``(params, x)``. ``params`` is a list of arrays in titans-pytorch's ``named_parameters()`` order,
+each with the same leading batch dimensions as ``x`` minus its last two (tokens, features), so one call evaluates a
+different memory per (batch, head, chunk). Weights are stored ``(in, out)`` and applied as ``x @ W``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import mlx.core as mx
+import mlx.nn as nn
+
+LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, used by the memory models' norms
+
+
+def _gamma(g: mx.array) -> mx.array:
+    # a per-feature gain with batch dims (*B, d) applies to every token: (*B, 1, d)
+    return mx.expand_dims(g, -2) + 1.0
+
+
+def _layer_norm(x: mx.array) -> mx.array:
+    return mx.fast.layer_norm(x, None, None, LAYER_NORM_EPS)
+
+
+def _xavier(shape: tuple[int, ...]) -> mx.array:
+    fan_in, fan_out = shape[-2], shape[-1]
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return mx.random.uniform(-bound, bound, shape)
+
+
+class MemoryModel:
+    """Interface: ``shapes()`` of the parameters, ``init()`` fresh values, ``__call__(params, x)``.
+
+    ``tokenwise``: each output token depends on its own input token only (False for attention over the chunk).
+    """
+
+    tokenwise = True
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        raise NotImplementedError
+
+    def init(self) -> list[mx.array]:
+        return [_xavier(s) if len(s) >= 2 else mx.zeros(s) for s in self.shapes()]
+
+    def __call__(self, params: list[mx.array], x: mx.array) -> mx.array:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"class": type(self).__name__, **{f.name: getattr(self, f.name) for f in fields(self)}}
+
+
+@dataclass(frozen=True)
+class MemoryMLP(MemoryModel):
+    dim: int
+    depth: int
+    expansion_factor: float = 2.0
+
+    def dims(self) -> list[int]:
+        hidden = int(self.dim * self.expansion_factor)
+        return [self.dim, *([hidden] * (self.depth - 1)), self.dim]
+
+    def shapes(self):
+        d = self.dims()
+        return [(a, b) for a, b in zip(d[:-1], d[1:])]
+
+    def __call__(self, params, x):
+        for i, w in enumerate(params):
+            x = (nn.gelu(x) if i else x) @ w
+        return x
+
+
+@dataclass(frozen=True)
+class FactorizedMemoryMLP(MemoryModel):
+    dim: int
+    depth: int
+    k: int = 32
+
+    def shapes(self):
+        return [s for _ in range(self.depth) for s in ((self.dim, self.k), (self.k, self.dim))]
+
+    def __call__(self, params, x):
+        for i in range(self.depth):
+            x = (nn.gelu(x) if i else x) @ params[2 * i] @ params[2 * i + 1]
+        return x
+
+
+@dataclass(frozen=True)
+class GatedResidualMemoryMLP(MemoryModel):
+    dim: int
+    depth: int
+    expansion_factor: float = 4.0
+
+    def shapes(self):
+        d, h = self.dim, int(self.dim * self.expansion_factor)
+        # torch lists a module's own parameters before its submodules': final_proj comes first
+        return [(d, d)] + [s for _ in range(self.depth) for s in ((d, h), (h, d), (2 * d, d))]
+
+    def __call__(self, params, x):
+        for i in range(self.depth):
+            w1, w2, to_gates = params[1 + 3 * i : 4 + 3 * i]
+            branch = nn.gelu(x @ w1) @ w2
+            gates = mx.sigmoid(mx.concatenate([branch, x], axis=-1) @ to_gates)
+            x = x + gates * (branch - x)
+        return x @ params[0]
+
+
+@dataclass(frozen=True)
+class MemorySwiGluMLP(MemoryModel):
+    dim: int
+    depth: int = 1
+    expansion_factor: float = 4.0
+
+    def shapes(self):
+        inner = int(self.dim * self.expansion_factor * 2 / 3)
+        return [s for _ in range(self.depth) for s in ((self.dim, 2 * inner), (inner, self.dim))] + [(self.dim,)]
+
+    def __call__(self, params, x):
+        for i in range(self.depth):
+            a, gates = mx.split(x @ params[2 * i], 2, axis=-1)
+            x = (a * nn.gelu(gates)) @ params[2 * i + 1] + x
+        return _layer_norm(x) * _gamma(params[-1])
+
+
+@dataclass(frozen=True)
+class MemoryAttention(MemoryModel):
+    dim: int
+    scale: float = 8.0
+    expansion_factor: float = 2.0
+    tokenwise = False
+
+    def shapes(self):
+        d, h = self.dim, int(self.dim * self.expansion_factor)
+        return [(d, d), (d, d), (d, d), (d, h), (h, d)]
+
+    def __call__(self, params, x):
+        wq, wk, wv, w1, w2 = params
+        l2 = lambda t: t / mx.maximum(mx.linalg.norm(t, axis=-1, keepdims=True), 1e-12)
+        q, k, v = l2(x @ wq), l2(x @ wk), x @ wv
+        n = x.shape[-2]
+        scores = self.scale * (q @ mx.swapaxes(k, -1, -2))
+        causal = mx.tril(mx.ones((n, n), dtype=mx.bool_))
+        scores = mx.where(causal, scores, -mx.inf)
+        attn = mx.softmax(scores, axis=-1, precise=True) @ v
+        return attn + nn.gelu(x @ w1) @ w2
+
+
+@dataclass(frozen=True)
+class ResidualNorm(MemoryModel):
+    """``LayerNorm(model(x)) * (gamma + 1) + x`` — titans-pytorch's default wrapper; gamma comes first in params."""
+
+    model: MemoryModel
+
+    @property
+    def tokenwise(self):
+        return self.model.tokenwise
+
+    def shapes(self):
+        return [(self.model.shapes()[0][0],), *self.model.shapes()]
+
+    def init(self):
+        return [mx.zeros(self.shapes()[0]), *self.model.init()]
+
+    def __call__(self, params, x):
+        return _layer_norm(self.model(params[1:], x)) * _gamma(params[0]) + x
+
+    def to_dict(self):
+        return {"class": "ResidualNorm", "model": self.model.to_dict()}
+
+
+MEMORY_MODELS = {
+    c.__name__: c for c in (MemoryMLP, FactorizedMemoryMLP, GatedResidualMemoryMLP, MemorySwiGluMLP, MemoryAttention)
+}
+
+
+def build_memory_model(spec: dict | MemoryModel) -> MemoryModel:
+    """A memory model from its config form ``{"class": "MemoryMLP", "dim": 64, "depth": 2, ...}``."""
+    if isinstance(spec, MemoryModel):
+        return spec
+    if not isinstance(spec, dict) or "class" not in spec:
+        raise ValueError(f"a memory model is given as {{'class': name, ...kwargs}}, got {spec!r}")
+    kwargs = dict(spec)
+    name = kwargs.pop("class")
+    if name not in MEMORY_MODELS:
+        raise ValueError(f"unknown memory model class {name!r}; expected one of {sorted(MEMORY_MODELS)}")
+    try:
+        return MEMORY_MODELS[name](**kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for memory model {name}: {e}") from None
+
+
+# ---- closed-form backward -------------------------------------------------------------------------------------------
+
+
+def _gelu_grad(z: mx.array) -> mx.array:
+    # d/dz [z * Phi(z)] = Phi(z) + z * phi(z), exact-erf GELU as torch's F.gelu
+    cdf = 0.5 * (1.0 + mx.erf(z * (1.0 / math.sqrt(2.0))))
+    pdf = mx.exp(-0.5 * z * z) * (1.0 / math.sqrt(2.0 * math.pi))
+    return cdf + z * pdf
+
+
+def _mlp_forward(weights, keys):
+    """MemoryMLP forward keeping what its backward needs: each layer's input and each hidden pre-activation."""
+    inputs, pre = [keys], []
+    for w in weights[:-1]:
+        pre.append(inputs[-1] @ w)
+        inputs.append(nn.gelu(pre[-1]))
+    return inputs[-1] @ weights[-1], inputs, pre
+
+
+def _mlp_backward(weights, inputs, pre, d_out):
+    grads = [None] * len(weights)
+    dz = d_out
+    for i in reversed(range(len(weights))):
+        grads[i] = mx.swapaxes(inputs[i], -1, -2) @ dz
+        if i:
+            dz = (dz @ mx.swapaxes(weights[i], -1, -2)) * _gelu_grad(pre[i - 1])
+    return grads
+
+
+def mlp_store_grads(model: MemoryModel, params, keys, values, lr):
+    """Closed-form gradients of ``sum_t lr_t * mean_d (model(params, k_t) - v_t)^2`` for (ResidualNorm of) MemoryMLP.
+
+    params: arrays (*P, *shape) broadcastable against keys (*B, c, d); returns grads with keys' batch dims
+    (*B, *shape) and the unweighted per-token loss (*B, c).
+    """
+    residual = isinstance(model, ResidualNorm)
+    weights = params[1:] if residual else params
+    out, inputs, pre = _mlp_forward(weights, keys)
+    if residual:
+        centered = out - mx.mean(out, axis=-1, keepdims=True)
+        inv_sigma = mx.rsqrt(mx.mean(centered * centered, axis=-1, keepdims=True) + LAYER_NORM_EPS)
+        normed = centered * inv_sigma
+        gain = _gamma(params[0])
+        err = normed * gain + keys - values
+    else:
+        err = out - values
+    loss = mx.mean(err * err, axis=-1)
+    d_pred = (2.0 / keys.shape[-1]) * mx.expand_dims(lr, -1) * err
+    if not residual:
+        return _mlp_backward(weights, inputs, pre, d_pred), loss
+    d_gamma = mx.sum(d_pred * normed, axis=-2)
+    d_norm = d_pred * gain
+    # backward of (h - mean) / sigma over the feature axis
+    d_out = inv_sigma * (
+        d_norm - mx.mean(d_norm, axis=-1, keepdims=True) - normed * mx.mean(d_norm * normed, axis=-1, keepdims=True)
+    )
+    return [d_gamma, *_mlp_backward(weights, inputs, pre, d_out)], loss
+
+
+def has_closed_form(model: MemoryModel) -> bool:
+    inner = model.model if isinstance(model, ResidualNorm) else model
+    return type(inner) is MemoryMLP

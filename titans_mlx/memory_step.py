@@ -1,0 +1,245 @@
+"""The memory update as pure functions over arrays: store a block of chunks, then read with queries.
+
+``store_block`` is the hot path: for K chunks of one (batch x head) memory it takes the per-chunk gradients of the
+memory network in one batched pass, runs the momentum ("surprise") and forget-gate recurrences chunk by chunk, and
+retrieves the K query windows that each new set of weights serves. It is compiled once per (structure, K) and reused
+for every sequence length; hyper-parameters enter as arrays so new values do not recompile.
+
+Layouts: b batch, H heads, BH = b*H (batch-major, as titans-pytorch's ``(b h)``), K chunks, C chunk size,
+u keys per token, dh head width. Memory parameters are lists of arrays with a leading BH (and K) axis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .memory_models import MemoryModel, has_closed_form, mlp_store_grads
+
+ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "tanh": mx.tanh, "sigmoid": mx.sigmoid}
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything about a NeuralMemory that shapes its computation (hashable: keys the compiled-step cache)."""
+
+    dim: int
+    heads: int
+    dim_head: int
+    chunk_size: int
+    num_kv_per_token: int
+    model: MemoryModel
+    views: bool
+    pre_rmsnorm: bool
+    qk_rmsnorm: bool
+    post_rmsnorm: bool
+    momentum: bool
+    momentum_order: int
+    learned_combine: bool
+    combine_include_zeroth: bool
+    layer_lr_modulation: bool
+    attn_pool: bool
+    weight_residual: bool
+    spectral_norm: bool
+    clamp_grad_norm: bool
+    lookahead: bool
+    gated_transition: bool
+    activation: Optional[Callable] = None
+    step_transform: Optional[Callable] = None  # custom adaptive_step_transform, else sigmoid * max_lr
+    loss_fn: Optional[Callable] = None  # custom store loss, else mean squared error over features
+
+
+def _rms_norm(x, weight, enabled=True):
+    if not enabled:
+        return x
+    return mx.fast.rms_norm(x, weight, mx.finfo(x.dtype).eps)
+
+
+def _multihead_rms_norm(x, gamma):
+    # x (b, H, n, dh), gamma (H, 1, dh)
+    return mx.fast.rms_norm(x, None, mx.finfo(x.dtype).eps) * (gamma + 1.0)
+
+
+def _linear(p, x, bias=True):
+    y = x @ p["weight"].T
+    return y + p["bias"] if bias else y
+
+
+def _project(s: Structure, p, x, name):
+    y = _linear(p[name], x, bias=False)
+    return s.activation(y) if s.activation is not None else y
+
+
+def _expand(a, ndim):
+    """Append singleton axes so a (BH, ...) gate broadcasts over a parameter's own axes."""
+    return a.reshape(a.shape + (1,) * (ndim - a.ndim))
+
+
+def _newton_schulz5(t, steps=5, eps=1e-7, coefs=(3.4445, -4.7750, 2.0315)):
+    # orthogonalise each matrix of the update (Muon); vectors are left alone
+    if t.ndim < 3:  # t is (BH, *shape): only matrix-shaped parameters
+        return t
+    transpose = t.shape[-2] > t.shape[-1]
+    if transpose:
+        t = mx.swapaxes(t, -1, -2)
+    norm = mx.sqrt(mx.sum(t * t, axis=(-2, -1), keepdims=True))
+    t = t / mx.maximum(norm, eps)
+    a, b, c = coefs
+    for _ in range(steps):
+        A = t @ mx.swapaxes(t, -1, -2)
+        t = a * t + (b * A + c * (A @ A)) @ t
+    return mx.swapaxes(t, -1, -2) if transpose else t
+
+
+def _softclamp_norm(g, max_norm, batch_axes):
+    # titans-pytorch's softclamp_grad_norm: rescale each (bh, chunk) gradient to max/2 * (tanh(2|g|/max) + 1)
+    axes = tuple(range(batch_axes, g.ndim))
+    norm = mx.sqrt(mx.sum(g * g, axis=axes, keepdims=True))
+    half = max_norm / 2
+    return g * ((mx.tanh(norm / half) * half + half) / norm)
+
+
+def chunk_grads(s: Structure, params, keys, values, lr):
+    """Per-chunk gradients of the weighted store loss; params broadcast against keys' batch axes (BH, K)."""
+    if s.loss_fn is None and has_closed_form(s.model):
+        return mlp_store_grads(s.model, params, keys, values, lr)
+    bh, k = keys.shape[:2]
+    flat = lambda t: t.reshape(bh * k, *t.shape[2:])
+    params = [flat(mx.broadcast_to(w, (bh, k) + w.shape[2:])) for w in params]
+
+    def loss(ps, kk, vv, ll):
+        pred = s.model(ps, kk)
+        per_token = mx.mean((pred - vv) ** 2, axis=-1) if s.loss_fn is None else s.loss_fn(pred, vv)
+        return mx.sum(per_token * ll), per_token
+
+    (_, per_token), grads = mx.vmap(mx.value_and_grad(loss))(params, flat(keys), flat(values), flat(lr))
+    unflat = lambda t: t.reshape(bh, k, *t.shape[1:])
+    return [unflat(g) for g in grads], unflat(per_token)
+
+
+def _heads_last(t, b, H):
+    # (b, n, H*x) -> (b*H, n, x)
+    n = t.shape[1]
+    return t.reshape(b, n, H, -1).transpose(0, 2, 1, 3).reshape(b * H, n, -1)
+
+
+def retrieve(s: Structure, p, weights, x):
+    """Read the memory: x (b, K, c, dim) query-view tokens, weights (BH, K, *shape); returns (b, K*c, dim)."""
+    b, K, c, _ = x.shape
+    H, dh = s.heads, s.dim_head
+    x = _rms_norm(x.reshape(b, K * c, -1), p.get("retrieve_norm", {}).get("weight"), s.pre_rmsnorm)
+    q = _project(s, p, x, "to_queries").reshape(b, K * c, H, dh).transpose(0, 2, 1, 3)  # (b, H, n, dh)
+    if s.qk_rmsnorm:
+        q = _multihead_rms_norm(q, p["q_norm"]["gamma"])
+    q = q.reshape(b * H, K, c, dh)
+    y = s.model(weights, q).reshape(b, H, K * c, dh)
+    if s.post_rmsnorm:
+        y = _multihead_rms_norm(y, p["multihead_rmsnorm"]["gamma"])
+    if H > 1:
+        gate = mx.sigmoid(_linear(p["retrieve_gate"], x, bias=False))  # (b, n, H)
+        y = y * mx.expand_dims(gate.transpose(0, 2, 1), -1)
+    y = y.transpose(0, 2, 1, 3).reshape(b, K * c, H * dh)
+    return _linear(p["combine_heads"], y, bias=False) if H > 1 else y
+
+
+def store_block(s: Structure, p, hp, grad_point, last_update, momentum, store_x, valid, boundary, retrieve_x, prev):
+    """Store K chunks and read the K windows they serve.
+
+    grad_point/last_update: lists (BH, *shape); momentum: list (order, BH, *shape) or None;
+    store_x: (b, K*C, dim) or (2, b, K*C, dim) raw store tokens; valid: (K,) bool (padding chunks are False);
+    boundary: (K,) bool, True where a chunk ends a TTT mini-batch (the gated transition applies there);
+    retrieve_x: (b, K, C, dim) raw query tokens of the windows; prev: list (BH, K, *shape) of the previous memory
+    layer's weights before each chunk (weight residual) or None; hp: dict of hyper-parameter arrays.
+    Returns (last_update, momentum, retrieved (b, K*C, dim), updates (list (BH, K, *shape)), (loss, lr) (BH, K, c')).
+    """
+    H, dh, C, u = s.heads, s.dim_head, s.chunk_size, s.num_kv_per_token
+    norm_w = p.get("store_norm", {}).get("weight")
+    if s.views:
+        kx, vx = _rms_norm(store_x[0], norm_w, s.pre_rmsnorm), _rms_norm(store_x[1], norm_w, s.pre_rmsnorm)
+    else:
+        kx = vx = _rms_norm(store_x, norm_w, s.pre_rmsnorm)
+    b, n, _ = kx.shape
+    K = n // C
+
+    # per-token learning rates and keys/values, grouped (BH, K, C*u, ...)
+    lr_logits = _linear(p["to_adaptive_step"], kx)
+    lr = s.step_transform(lr_logits) if s.step_transform else mx.sigmoid(lr_logits) * hp["max_lr"]
+    lr = _heads_last(lr, b, H).reshape(b * H, K, C * u)
+    keys = _project(s, p, kx, "to_keys").reshape(b, n, H, u * dh).transpose(0, 2, 1, 3).reshape(b, H, n * u, dh)
+    if s.qk_rmsnorm:
+        keys = _multihead_rms_norm(keys, p["k_norm"]["gamma"])
+    keys = keys.reshape(b * H, K, C * u, dh)
+    values = _heads_last(_project(s, p, vx, "to_values"), b, H).reshape(b * H, K, C * u, dh)
+
+    # per-chunk gates from the chunk representation (mean, or attention pooling)
+    chunks = kx.reshape(b, K, C, -1)
+    if s.attn_pool:
+        attn = mx.softmax(_linear(p["reduce_to_chunk_rep"]["to_attn_logits"], chunks), axis=-2, precise=True)
+        rep = mx.sum(chunks * attn, axis=-2)
+    else:
+        rep = mx.mean(chunks, axis=-2)
+
+    def per_chunk(name, groups=1, fn=mx.sigmoid):  # (b, K, H*groups) -> (groups, BH, K)
+        g = fn(_linear(p[name], rep)) if fn else _linear(p[name], rep)
+        return g.reshape(b, K, H, groups).transpose(3, 0, 2, 1).reshape(groups, b * H, K)
+
+    decay = per_chunk("to_decay_factor")[0]
+
+    # gradients of the memory network at the gradient point (plus the previous layer's weights, weight residual)
+    if s.weight_residual:
+        mix = per_chunk("to_learned_weight_residual_mix")[0]
+        point = [mx.expand_dims(w, 1) + _expand(mix, t.ndim) * t for w, t in zip(grad_point, prev)]
+    else:
+        point = [mx.expand_dims(w, 1) for w in grad_point]
+    if s.lookahead:  # train each key on the next token's value, within the chunk
+        keys, values, lr = keys[:, :, :-1], values[:, :, 1:], lr[:, :, :-1]
+    grads, loss = chunk_grads(s, point, keys, values, lr)
+    if s.clamp_grad_norm:
+        grads = [_softclamp_norm(g, hp["max_grad_norm"], 2) for g in grads]
+    if s.layer_lr_modulation:
+        mod = per_chunk("to_layer_modulation", len(grads)) * hp["max_mem_layer_modulation"]
+        grads = [_expand(m, g.ndim) * g for m, g in zip(mod, grads)]
+    if s.momentum:
+        eta = per_chunk("to_momentum", s.momentum_order)
+        if s.learned_combine:
+            orders = s.momentum_order + int(s.combine_include_zeroth)
+            combine = per_chunk("to_learned_momentum_combine", orders, fn=None)
+            combine = mx.softmax(combine, axis=0, precise=True)
+
+    # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S
+    updates = [[] for _ in grads]
+    new_update, new_momentum = [], [] if s.momentum else None
+    for i, (g, U) in enumerate(zip(grads, last_update)):
+        S = momentum[i] if s.momentum else None
+        for k in range(K):
+            surprise = -g[:, k]
+            delta = surprise
+            if s.momentum:
+                orders, x = [], surprise
+                for o in range(s.momentum_order):
+                    x = _expand(eta[o, :, k], x.ndim) * S[o] + x
+                    orders.append(x)
+                S_next = mx.stack(orders)
+                if s.learned_combine:
+                    terms = ([surprise] if s.combine_include_zeroth else []) + orders
+                    delta = sum(_expand(combine[j, :, k], t.ndim) * t for j, t in enumerate(terms))
+                else:
+                    delta = orders[-1]
+                S = mx.where(valid[k], S_next, S)
+            if s.spectral_norm:
+                delta = _newton_schulz5(delta)
+            U = mx.where(valid[k], _expand(1.0 - decay[:, k], U.ndim) * U + delta, U)
+            if s.gated_transition:  # at a mini-batch boundary ease from the gradient point to the new weights
+                W = grad_point[i]
+                U = mx.where(boundary[k], W + hp["transition_gate"] * (U - W), U)
+            updates[i].append(U)
+        new_update.append(U)
+        if s.momentum:
+            new_momentum.append(S)
+    updates = [mx.stack(us, axis=1) for us in updates]
+
+    retrieved = retrieve(s, p, updates, retrieve_x)
+    return new_update, new_momentum, retrieved, updates, (loss, lr)
