@@ -20,7 +20,7 @@ def load_memory(case: dict) -> NeuralMemory:
 
 def from_arrays(arrays) -> dict:
     case = {"config": json.loads(str(arrays["config"])), "sd": {}, "prev": [], "last_update": []}
-    for key in arrays.files:
+    for key in list(arrays.keys()):
         value = arrays[key]
         if key.startswith("sd."):
             case["sd"][key[3:]] = mx.array(value)

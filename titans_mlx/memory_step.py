@@ -102,10 +102,8 @@ def _softclamp_norm(g, max_norm, batch_axes):
     return g * ((mx.tanh(norm / half) * half + half) / norm)
 
 
-def chunk_grads(s: Structure, params, keys, values, lr):
-    """Per-chunk gradients of the weighted store loss; params broadcast against keys' batch axes (BH, K)."""
-    if s.loss_fn is None and has_closed_form(s.model):
-        return mlp_store_grads(s.model, params, keys, values, lr)
+def autodiff_grads(s: Structure, params, keys, values, lr):
+    """Per-chunk gradients by ``mx.vmap(mx.value_and_grad)``: the general path, for any memory model or loss."""
     bh, k = keys.shape[:2]
     flat = lambda t: t.reshape(bh * k, *t.shape[2:])
     params = [flat(mx.broadcast_to(w, (bh, k) + w.shape[2:])) for w in params]
@@ -118,6 +116,16 @@ def chunk_grads(s: Structure, params, keys, values, lr):
     (_, per_token), grads = mx.vmap(mx.value_and_grad(loss))(params, flat(keys), flat(values), flat(lr))
     unflat = lambda t: t.reshape(bh, k, *t.shape[1:])
     return [unflat(g) for g in grads], unflat(per_token)
+
+
+def chunk_grads(s: Structure, params, keys, values, lr):
+    """Per-chunk gradients of the weighted store loss and the unweighted per-token loss.
+
+    params broadcast against keys' batch axes (BH, K); keys/values (BH, K, c, dh), lr (BH, K, c).
+    """
+    if s.loss_fn is None and has_closed_form(s.model):
+        return mlp_store_grads(s.model, params, keys, values, lr)
+    return autodiff_grads(s, params, keys, values, lr)
 
 
 def _heads_last(t, b, H):
