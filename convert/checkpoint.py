@@ -140,12 +140,18 @@ def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _Tensor
                 f"tensor of size {size} stride {stride} offset {storage_offset} "
                 f"reaches past its storage of {flat.size} elements"
             )
-        base = flat[storage_offset:]
-        item = flat.itemsize
-        array = np.lib.stride_tricks.as_strided(
-            base, shape=size, strides=tuple(s * item for s in stride), writeable=False
-        )
-        array = np.array(array, copy=True, order="C")
+        numel = int(np.prod(size))
+        contiguous = tuple(int(np.prod(size[i + 1 :])) for i in range(len(size)))
+        if all(n == 1 or s == c for n, s, c in zip(size, stride, contiguous)):
+            # the common case: a plain slice of the storage, no copy needed here
+            array = flat[storage_offset : storage_offset + numel].reshape(size)
+        else:
+            base = flat[storage_offset:]
+            item = flat.itemsize
+            array = np.lib.stride_tricks.as_strided(
+                base, shape=size, strides=tuple(s * item for s in stride), writeable=False
+            )
+            array = np.array(array, copy=True, order="C")
     return _Tensor(array, storage.kind.bfloat16)
 
 

@@ -128,9 +128,25 @@ def infer_memory(sd: Dict) -> Dict[str, Tuple[object, str]]:
             _fact(facts, "dim_head", s[0] // heads, f"to_queries.weight has shape {s} = (heads * dim_head, dim)")
     if "to_adaptive_step.0.weight" not in sd:
         return facts  # not titans-pytorch names: the flags below are left to the shape check
-    _fact(facts, "pre_rmsnorm", "store_norm.weight" in sd,
-          "store_norm.weight is " + ("present" if "store_norm.weight" in sd else "absent"))
-    _fact(facts, "qk_rmsnorm", "q_norm.gamma" in sd, "q_norm.gamma is " + ("present" if "q_norm.gamma" in sd else "absent"))
+    # flags that add weights of their own
+    for key, weight in (
+        ("pre_rmsnorm", "store_norm.weight"),
+        ("qk_rmsnorm", "q_norm.gamma"),
+        ("post_rmsnorm", "multihead_rmsnorm.gamma"),
+        ("attn_pool_chunks", "reduce_to_chunk_rep.to_attn_logits.weight"),
+        ("momentum", "to_momentum.0.weight"),
+        ("learned_momentum_combine", "to_learned_momentum_combine.0.weight"),
+        ("per_parameter_lr_modulation", "to_layer_modulation.0.weight"),
+        ("accept_weight_residual", "to_learned_weight_residual_mix.0.weight"),
+        ("gated_transition", "transition_gate"),
+    ):
+        _fact(facts, key, weight in sd, f"{weight} is " + ("present" if weight in sd else "absent"))
+    heads = facts.get("heads", (None,))[0]
+    if heads:
+        for key, weight in (("num_kv_per_token", "to_adaptive_step.0.weight"), ("momentum_order", "to_momentum.0.weight")):
+            s = _shape(sd, weight)
+            if s and s[0] % heads == 0:
+                _fact(facts, key, s[0] // heads, f"{weight} has shape {s} = (heads * {key}, dim)")
     return facts
 
 

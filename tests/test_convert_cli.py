@@ -132,6 +132,16 @@ def test_neural_memory_end_to_end(tmp_path):
     ref = np.load(CK / "nm_tiny.npz")
     y, _ = mem(mx.array(ref["x"]))
     assert rel_err(y, ref["y"]) <= 1e-5
+    # dim, heads, dim_head and the weight-bearing flags come from the weights; chunk_size cannot
+    minimal = write_json(tmp_path / "nm.json", {"chunk_size": 2})
+    convert_ok("--torch-path", CK / "nm_tiny.pt", "--config", minimal, "--kind", "neural-memory", "--mlx-path", out,
+               "--force")
+    assert json.loads((out / "config.json").read_text())["heads"] == 2
+    y, _ = load(out)[0](mx.array(ref["x"]))
+    assert rel_err(y, ref["y"]) <= 1e-5
+    bad = write_json(tmp_path / "bad.json", {"chunk_size": 2, "momentum": False})
+    assert_fails(run("--torch-path", CK / "nm_tiny.pt", "--config", bad, "--kind", "neural-memory", "--mlx-path",
+                     tmp_path / "x"), "momentum=False does not fit the checkpoint: to_momentum.0.weight is present")
 
 
 def test_sentencepiece_tokenizer(tmp_path, mac_module):
@@ -170,7 +180,7 @@ def test_weight_shape_mismatch_names_key(tmp_path, mac_module):
     res = run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out)
     assert_fails(res, "the checkpoint has shape", out)
     assert "layers.0.ff" in res.stderr and "the config gives" in res.stderr
-    bad = write_json(tmp_path / "c.json", {**config, "neural_memory_kwargs": {"post_rmsnorm": True}})
+    bad = write_json(tmp_path / "c.json", {**config, "neural_memory_model": {"class": "MemoryMLP", "dim": 8, "depth": 3}})
     assert_fails(run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out), "lacks weights", out)
     bad = write_json(tmp_path / "c.json", {**config, "neural_memory_kwargs": {"qk_rmsnorm": True}})
     assert_fails(run("--torch-path", CK / "mac_tiny.pt", "--config", bad, "--mlx-path", out),
