@@ -1,0 +1,549 @@
+"""Generate text with a Titans model, mlx-lm style, with resumable sessions.
+
+    python -m titans_mlx.generate --prompt "In the beginning"              # the bundled demo model
+    python -m titans_mlx.generate --model DIR --prompt-file book.txt --max-tokens 0 --save-state book.safetensors
+    python -m titans_mlx.generate --model DIR --load-state book.safetensors --prompt "And then"
+
+Flags, defaults and output follow ``mlx_lm.generate``. A long prompt is fed in blocks of ``--prefill-step-size``
+tokens aligned to the model's segments (the memory chunk), evaluating the cache and clearing MLX's buffer cache
+between blocks, so memory stays flat however long the document is. ``--save-state`` writes the whole session (the
+attention windows, the neural memories' weights and momentum, the logits of the next token, recent tokens and the
+position) to one safetensors file; ``--load-state`` continues exactly where it stopped.
+
+Library: ``stream_generate(model, tokenizer, prompt, **kw)`` yields mlx-lm ``GenerationResponse`` objects and
+``generate(...)`` returns the text; ``GenerationState`` with ``save_state``/``load_state`` carries a session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Generator, List, Optional, Sequence, Union
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+DEFAULT_MODEL = Path(__file__).resolve().parent / "demo_model"
+DEFAULT_PROMPT = "hello"
+DEFAULT_MAX_TOKENS = 100
+DEFAULT_TEMP = 0.0
+DEFAULT_TOP_P = 1.0
+DEFAULT_MIN_P = 0.0
+DEFAULT_TOP_K = 0
+DEFAULT_PREFILL_STEP_SIZE = 2048
+DEFAULT_HISTORY = 1024  # recent tokens kept in a session, for logits processors (repetition penalty etc.)
+
+STATE_FORMAT = "titans-mlx-state"
+STATE_VERSION = "1"
+
+
+class GenerationError(ValueError):
+    """A user error: the CLI prints its message as one line and exits non-zero."""
+
+
+# ---- sessions --------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class GenerationState:
+    """Everything needed to continue a text: the model cache, the next token's logits and the position.
+
+    Attributes:
+        cache: the model's cache (``model.make_cache()``), updated in place by generation.
+        tokens: number of tokens processed so far.
+        logits: raw logits (1, vocab) for the token after the last processed one; None before any token.
+        history: the last ``DEFAULT_HISTORY`` processed tokens (what logits processors look at).
+    """
+
+    cache: list
+    tokens: int = 0
+    logits: Optional[mx.array] = None
+    history: List[int] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def new(cls, model: nn.Module) -> "GenerationState":
+        return cls(cache=make_cache(model))
+
+
+def make_cache(model: nn.Module) -> list:
+    if hasattr(model, "make_cache"):
+        return model.make_cache()
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def model_identity(model: nn.Module) -> str:
+    """sha256 of the model's config and weights (names, dtypes, shapes, bytes): what a state file belongs to."""
+    h = hashlib.sha256()
+    args = getattr(model, "args", None)
+    if dataclasses.is_dataclass(args):
+        h.update(json.dumps(dataclasses.asdict(args), sort_keys=True, default=str).encode())
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        value = mx.contiguous(value)
+        mx.eval(value)
+        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
+        h.update(memoryview(value))
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # an mlx-lm TokenizerWrapper
+    return f"{type(inner).__name__}(vocab={len(inner)}, eos={getattr(inner, 'eos_token_id', None)})"
+
+
+def save_state(path, state: GenerationState, model: nn.Module, tokenizer=None) -> None:
+    """Write a session to one safetensors file (arrays + metadata naming the model, tokenizer and position)."""
+    from .cache import cache_to_arrays
+
+    if not state.cache or not hasattr(state.cache[0], "meta_state") or not hasattr(type(state.cache[0]), "from_state"):
+        raise GenerationError("this model's cache cannot be saved (no state/meta_state/from_state)")
+    arrays, meta = cache_to_arrays(state.cache)
+    out = {f"cache.{k}": v for k, v in arrays.items()}
+    metadata = {f"cache.{k}": v for k, v in meta.items()}
+    if state.logits is not None:
+        out["logits"] = state.logits.astype(mx.float32)
+    out["history"] = mx.array(state.history, dtype=mx.int32)
+    metadata.update(
+        format=STATE_FORMAT,
+        version=STATE_VERSION,
+        model_id=model_identity(model),
+        model_type=str(getattr(model, "model_type", type(model).__name__)),
+        tokenizer=tokenizer_identity(tokenizer) if tokenizer is not None else "",
+        tokens=str(state.tokens),
+    )
+    path = str(path)
+    if not path.endswith(".safetensors"):
+        raise GenerationError(f"--save-state {path}: the file name must end in .safetensors")
+    mx.eval(out)
+    mx.save_safetensors(path, out, metadata=metadata)
+
+
+def load_state(path, model: nn.Module, tokenizer=None) -> GenerationState:
+    """Read a session written by ``save_state``; refuses a file saved from another model or tokenizer."""
+    from .cache import cache_from_arrays
+
+    path = Path(path)
+    if not path.is_file():
+        raise GenerationError(f"state file {path} does not exist")
+    try:
+        arrays, metadata = mx.load(str(path), return_metadata=True)
+    except Exception:
+        raise GenerationError(f"{path} is not a safetensors state file") from None
+    if metadata.get("format") != STATE_FORMAT:
+        raise GenerationError(f"{path} is not a titans-mlx state file (no format={STATE_FORMAT} in its metadata)")
+    if metadata.get("version") != STATE_VERSION:
+        raise GenerationError(f"{path}: state file version {metadata.get('version')!r} is not supported")
+    mine = model_identity(model)
+    if metadata.get("model_id") != mine:
+        raise GenerationError(
+            f"{path} was saved from another model (model id {metadata.get('model_id', '?')[:12]}, "
+            f"this model {mine[:12]}); load it with the model that wrote it"
+        )
+    if tokenizer is not None and metadata.get("tokenizer") and metadata["tokenizer"] != tokenizer_identity(tokenizer):
+        raise GenerationError(
+            f"{path} was saved with another tokenizer ({metadata['tokenizer']}, this one {tokenizer_identity(tokenizer)})"
+        )
+    try:
+        cache = cache_from_arrays(
+            {k[6:]: v for k, v in arrays.items() if k.startswith("cache.")},
+            {k[6:]: v for k, v in metadata.items() if k.startswith("cache.")},
+        )
+        tokens = int(metadata["tokens"])
+    except (ValueError, KeyError) as e:
+        raise GenerationError(f"{path}: damaged state file ({e})") from None
+    if len(cache) != len(make_cache(model)):
+        raise GenerationError(f"{path}: the state has {len(cache)} layers, the model {len(make_cache(model))}")
+    logits = arrays.get("logits")
+    history = arrays["history"].tolist() if "history" in arrays else []
+    return GenerationState(cache=cache, tokens=tokens, logits=logits, history=history)
+
+
+# ---- generation ------------------------------------------------------------------------------------------------------
+
+
+def _block_size(model: nn.Module, prefill_step_size: int) -> int:
+    # prefill blocks end on segment boundaries (= memory chunk boundaries of the MAC layout)
+    seg = getattr(getattr(model, "args", None), "segment_len", None) or 1
+    return max(seg, (prefill_step_size // seg) * seg)
+
+
+def generate_step(
+    prompt: Union[mx.array, Sequence[int]],
+    model: nn.Module,
+    *,
+    max_tokens: int = 256,
+    sampler: Optional[Callable[[mx.array], mx.array]] = None,
+    logits_processors: Optional[List[Callable[[mx.array, mx.array], mx.array]]] = None,
+    state: Optional[GenerationState] = None,
+    prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+    prompt_progress_callback: Optional[Callable[[int, int], None]] = None,
+) -> Generator[tuple, None, None]:
+    """Yield (token, logprobs) pairs, like ``mlx_lm.generate.generate_step``.
+
+    Every yielded token has been fed to the model already, so ``state`` is complete whenever the generator is
+    paused or closed: saving it then and continuing later equals one uninterrupted run. ``max_tokens`` 0 only
+    processes the prompt; -1 never stops.
+    """
+    from mlx_lm.generate import generation_stream
+    from mlx_lm.sample_utils import make_sampler
+
+    state = state if state is not None else GenerationState.new(model)
+    prompt = [int(t) for t in (prompt.tolist() if isinstance(prompt, mx.array) else prompt)]
+    if not prompt and state.logits is None:
+        raise GenerationError("the prompt is empty and there is no saved state to continue")
+    sampler = sampler or make_sampler(0.0)
+    logits_processors = logits_processors or []
+    progress = prompt_progress_callback or (lambda *_: None)
+    block = _block_size(model, prefill_step_size)
+
+    def forward(tokens: mx.array):
+        logits = model(tokens[None], cache=state.cache)[:, -1, :]
+        state.tokens += tokens.size
+        state.logits = logits
+        return logits
+
+    def sample(logits, pending: Optional[mx.array] = None):
+        if logits_processors:
+            history = mx.array(state.history, dtype=mx.int32)
+            if pending is not None:  # the token just fed, not yet in state.history
+                history = mx.concatenate([history, pending])
+            for processor in logits_processors:
+                logits = processor(history, logits)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs.squeeze(0)
+
+    def record(tokens: List[int]):
+        state.history = (state.history + tokens)[-DEFAULT_HISTORY:]
+
+    with mx.stream(generation_stream):
+        total, done = len(prompt), 0
+        progress(0, total)
+        while total - done > 1:
+            n = min(block - state.tokens % block, total - done - 1)
+            forward(mx.array(prompt[done : done + n], dtype=mx.int32))
+            record(prompt[done : done + n])
+            mx.eval([c.state for c in state.cache])
+            done += n
+            progress(done, total)
+            mx.clear_cache()
+        if done < total:
+            logits = forward(mx.array(prompt[done:], dtype=mx.int32))
+            record(prompt[done:])
+        else:
+            logits = state.logits
+        if max_tokens == 0:
+            mx.eval(logits, [c.state for c in state.cache])
+            progress(total, total)
+            return
+        y, logprobs = sample(logits)
+        mx.async_eval(y, logprobs)
+        n = 0
+        while True:
+            # feed y before handing it out, so the state is complete at every yield; the next step is built
+            # and evaluated asynchronously while the caller consumes y (mlx-lm's pipelining)
+            next_y, next_logprobs = sample(forward(y), pending=y)
+            mx.async_eval(next_y, next_logprobs)
+            if n == 0:
+                mx.eval(y)
+                progress(total, total)
+            token = y.item()
+            record([token])
+            yield token, logprobs
+            n += 1
+            if n == max_tokens:
+                break
+            if n % 256 == 0:
+                mx.clear_cache()
+            y, logprobs = next_y, next_logprobs
+
+
+def _encode(tokenizer, prompt) -> List[int]:
+    if isinstance(prompt, str):
+        return list(tokenizer.encode(prompt)) if prompt else []
+    if isinstance(prompt, mx.array):
+        return [int(t) for t in prompt.tolist()]
+    return [int(t) for t in prompt]
+
+
+def stream_generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: Union[str, mx.array, List[int]],
+    max_tokens: int = 256,
+    **kwargs,
+):
+    """Yield ``mlx_lm.generate.GenerationResponse`` objects, as ``mlx_lm.stream_generate``.
+
+    Args:
+        model: a titans_mlx model (or any mlx-lm style model with a cache).
+        tokenizer: the model's tokenizer (titans_mlx.tokenizer, or an mlx-lm TokenizerWrapper).
+        prompt: text or token ids; may be empty when ``state`` holds a session to continue.
+        max_tokens: tokens to generate; 0 only processes the prompt (one response, ``token`` None); -1 no limit.
+        kwargs: ``sampler``, ``logits_processors``, ``state`` (a GenerationState, updated in place),
+            ``prefill_step_size``, ``prompt_progress_callback``; see ``generate_step``.
+    """
+    from mlx_lm.generate import GenerationResponse, wired_limit, generation_stream
+
+    if not isinstance(max_tokens, int) or max_tokens < -1:
+        raise GenerationError(f"max_tokens must be >= 0 (or -1 for no limit), got {max_tokens!r}")
+    unknown = set(kwargs) - {"sampler", "logits_processors", "state", "prefill_step_size", "prompt_progress_callback"}
+    if unknown:
+        raise GenerationError(f"unknown arguments: {', '.join(sorted(unknown))}")
+    tokens = _encode(tokenizer, prompt)
+    detokenizer = tokenizer.detokenizer
+    detokenizer.reset()
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or [])
+
+    def response(text, token, logprobs, n, prompt_tps, tic, finish_reason):
+        return GenerationResponse(
+            text=text, token=token, logprobs=logprobs, from_draft=False, prompt_tokens=len(tokens),
+            prompt_tps=prompt_tps, generation_tokens=n, generation_tps=n / max(time.perf_counter() - tic, 1e-9),
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish_reason,
+        )
+
+    with wired_limit(model, [generation_stream]):
+        tic = time.perf_counter()
+        generator = generate_step(tokens, model, max_tokens=max_tokens, **kwargs)
+        if max_tokens == 0:
+            for _ in generator:
+                pass
+            prompt_tps = len(tokens) / max(time.perf_counter() - tic, 1e-9)
+            yield response("", None, None, 0, prompt_tps, time.perf_counter(), "length")
+            return
+        token, logprobs, n, prompt_tps = None, None, 0, 0.0
+        try:
+            for n, (token, logprobs) in enumerate(generator):
+                if n == 0:
+                    prompt_tps = len(tokens) / max(time.perf_counter() - tic, 1e-9)
+                    tic = time.perf_counter()
+                if token in eos:
+                    break
+                detokenizer.add_token(token)
+                if n + 1 == max_tokens:
+                    break
+                yield response(detokenizer.last_segment, token, logprobs, n + 1, prompt_tps, tic, None)
+        finally:
+            generator.close()
+        detokenizer.finalize()
+        yield response(detokenizer.last_segment, token, logprobs, n + 1, prompt_tps, tic,
+                       "stop" if token in eos else "length")
+
+
+def generate(model: nn.Module, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
+    """Generate text (all of it), as ``mlx_lm.generate``; with ``verbose`` stream it and print mlx-lm's stats."""
+    if verbose:
+        print("=" * 10)
+    text, last = "", None
+    for last in stream_generate(model, tokenizer, prompt, **kwargs):
+        if verbose:
+            print(last.text, end="", flush=True)
+        text += last.text
+    if verbose:
+        print()
+        print("=" * 10)
+        _print_stats(last)
+    return text
+
+
+def _print_stats(response, file=None):
+    file = file or sys.stdout
+    print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec", file=file)
+    print(f"Peak memory: {response.peak_memory:.3f} GB", file=file)
+
+
+# ---- command line ----------------------------------------------------------------------------------------------------
+
+
+def str2bool(value: str) -> bool:
+    v = value.lower()
+    if v in ("true", "1", "yes", "y", "on"):
+        return True
+    if v in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, like argparse but without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m titans_mlx.generate", description="Generate text with a Titans (MLX) model.")
+    p.add_argument("--model", default=None, help="Model directory (python -m convert output). Default: the bundled demo model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", "-p", default=None, help=f"Prompt text ('-' reads stdin). Default: {DEFAULT_PROMPT!r}, "
+                     "or nothing with --load-state")
+    src.add_argument("--prompt-file", default=None, help="Read the prompt from a UTF-8 text file")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="Tokens to generate (0: only process the prompt, e.g. to --save-state a document)")
+    p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="Sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="Nucleus sampling probability")
+    p.add_argument("--min-p", type=float, default=DEFAULT_MIN_P,
+                   help="Min-p sampling (titans-pytorch's sample() default is --temp 1.5 --min-p 0.1)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, help="Top-k sampling (0: off)")
+    p.add_argument("--min-tokens-to-keep", type=int, default=1, help="Minimum tokens kept by min-p")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="Repetition penalty (mlx-lm's)")
+    p.add_argument("--repetition-context-size", type=int, default=20, help="Tokens the repetition penalty looks at")
+    p.add_argument("--seed", type=int, default=None, help="PRNG seed")
+    p.add_argument("--prefill-step-size", type=int, default=DEFAULT_PREFILL_STEP_SIZE,
+                   help="Prompt tokens per block (rounded down to a multiple of the model's segment length)")
+    p.add_argument("--save-state", default=None, help="Write the session to this .safetensors file at the end")
+    p.add_argument("--load-state", default=None, help="Continue the session saved in this file")
+    p.add_argument("--verbose", type=str2bool, default=True, help="Print the ===== lines and stats (true/false)")
+    return p
+
+
+def _read_prompt(args) -> str:
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise GenerationError(f"prompt file {path} does not exist") from None
+        except IsADirectoryError:
+            raise GenerationError(f"prompt file {path} is a directory") from None
+        except OSError as e:
+            raise GenerationError(f"cannot read prompt file {path}: {e.strerror}") from None
+        if b"\0" in data:
+            raise GenerationError(f"prompt file {path} is binary, not text")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
+    if args.prompt == "-":
+        return sys.stdin.read()
+    if args.prompt is not None:
+        return args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    return "" if args.load_state else DEFAULT_PROMPT
+
+
+def _load_model(path_arg):
+    from .io import load
+
+    path = Path(path_arg) if path_arg is not None else DEFAULT_MODEL
+    if path_arg is None and not path.is_dir():
+        raise GenerationError(f"no --model given and the bundled demo model is missing ({path})")
+    if not path.exists():
+        raise GenerationError(f"model directory {path} does not exist")
+    try:
+        model, tokenizer = load(path)
+    except PermissionError as e:
+        raise GenerationError(f"cannot read model directory {path}: {e.strerror}") from None
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GenerationError(f"cannot load model from {path}: {msg}") from None
+    if tokenizer is None:
+        raise GenerationError(f"model directory {path} has no tokenizer (tokenizer.json or tokenizer.model)")
+    return model, tokenizer
+
+
+def _check_args(args):
+    if args.max_tokens < 0:
+        raise GenerationError(f"--max-tokens must be >= 0, got {args.max_tokens}")
+    if args.temp < 0:
+        raise GenerationError(f"--temp must be >= 0, got {args.temp}")
+    if not 0 < args.top_p <= 1:
+        raise GenerationError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not 0 <= args.min_p <= 1:
+        raise GenerationError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.top_k < 0:
+        raise GenerationError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.prefill_step_size < 1:
+        raise GenerationError(f"--prefill-step-size must be >= 1, got {args.prefill_step_size}")
+    if args.save_state is not None and not args.save_state.endswith(".safetensors"):
+        raise GenerationError(f"--save-state {args.save_state}: the file name must end in .safetensors")
+
+
+def _progress_bar(enabled: bool):
+    """prompt_progress_callback drawing a tqdm bar on stderr once the prompt needs more than one block."""
+    if not enabled:
+        return None, lambda: None
+    bar = None
+
+    def callback(done, total):
+        nonlocal bar
+        if bar is None and 0 < done < total:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, leave=False, dynamic_ncols=True)
+        if bar is not None:
+            bar.update(done - bar.n)
+
+    def close():
+        if bar is not None:
+            bar.close()
+
+    return callback, close
+
+
+def main(argv=None) -> int:
+    args = setup_arg_parser().parse_args(argv)
+    try:
+        _check_args(args)
+        prompt = _read_prompt(args)
+        model, tokenizer = _load_model(args.model)
+        state = load_state(args.load_state, model, tokenizer) if args.load_state else GenerationState.new(model)
+        if not prompt and state.logits is None:
+            raise GenerationError("the prompt is empty")
+    except GenerationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    from mlx_lm.sample_utils import make_logits_processors, make_sampler
+
+    if args.seed is not None:
+        mx.random.seed(args.seed)
+    sampler = make_sampler(args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k)
+    processors = make_logits_processors(repetition_penalty=args.repetition_penalty,
+                                        repetition_context_size=args.repetition_context_size)
+    callback, close_bar = _progress_bar(args.verbose)
+    if args.verbose:
+        print("=" * 10, flush=True)
+    last, interrupted = None, False
+    try:
+        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=sampler,
+                                    logits_processors=processors, state=state,
+                                    prefill_step_size=args.prefill_step_size, prompt_progress_callback=callback):
+            close_bar()
+            print(last.text, end="", flush=True)
+    except KeyboardInterrupt:
+        interrupted = True
+    except GenerationError as e:
+        close_bar()
+        print(f"\nerror: {e}", file=sys.stderr)
+        return 1
+    close_bar()
+    if interrupted:
+        print(flush=True)
+        print("[interrupted]" + (" (state not saved)" if args.save_state else ""), file=sys.stderr)
+        return 130
+    if args.verbose:
+        print()
+        print("=" * 10)
+        _print_stats(last)
+    if args.save_state:
+        try:
+            save_state(args.save_state, state, model, tokenizer)
+        except (GenerationError, OSError) as e:
+            print(f"error: cannot save state to {args.save_state}: {e}", file=sys.stderr)
+            return 1
+        if args.verbose:
+            print(f"State: {state.tokens} tokens saved to {args.save_state}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while loading
+        print("\n[interrupted]", file=sys.stderr)
+        sys.exit(130)
