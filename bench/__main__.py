@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 
 from bench import env as E
+from bench import profile as P
 from bench.flops import neural_memory_flops
 from bench.report import comparisons, markdown, plot
 
@@ -71,6 +72,11 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
     m.add_argument("--name", default=None, help="file stem (default memory_<blas>_n<lens>_c<chunks>_d<dim>)")
     m.add_argument("--no-plot", action="store_true")
+    m.add_argument("--no-compile", action="store_true",
+                   help="run the MLX worker with MLX_DISABLE_COMPILE=1 (mx.compile becomes a no-op)")
+    m.add_argument("--profile", action="store_true",
+                   help="sample the timed runs with Linux perf and report where the time goes (timings are then "
+                        "perturbed; name is suffixed _profile)")
 
     r = sub.add_parser("report", help="rewrite the .md (and .png) next to benchmark JSON files")
     r.add_argument("json", nargs="+")
@@ -131,6 +137,8 @@ def run_memory(args, argv) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")
     if args.warmup < 0 or args.matmul_size < 0:
         raise UserError("--warmup and --matmul-size must be >= 0")
+    if args.profile and not P.available():
+        raise UserError("--profile needs Linux perf on PATH (Debian: apt-get install linux-perf)")
     impls = _resolve_impls(args)
     blas_extra, blas_tag = _blas_env(args)
     out_dir = Path(args.out)
@@ -139,13 +147,13 @@ def run_memory(args, argv) -> int:
     except OSError as e:
         raise UserError(f"--out: cannot create {out_dir}: {e.strerror}")
     name = args.name or (f"memory_{blas_tag}_n{'-'.join(map(str, args.seq_lens))}"
-                         f"_c{'-'.join(map(str, args.chunk))}_d{args.dim}")
+                         f"_c{'-'.join(map(str, args.chunk))}_d{args.dim}") + ("_nocompile" if args.no_compile else "") + ("_profile" if args.profile else "")
 
     doc = {"benchmark": "neural_memory_store_retrieve", "schema": 1, "name": name,
            "environment": E.environment(argv),
            "config": {k: getattr(args, k) for k in ("seq_lens", "chunk", "dim", "heads", "batch", "warmup", "repeats",
                                                     "threads", "blas", "matmul_size", "matmul_repeats",
-                                                    "same_weights", "seed")},
+                                                    "same_weights", "seed", "profile", "no_compile")},
            "blas_preload": {"mlx": blas_extra.get("LD_PRELOAD"), "torch": None},
            "flops_formula": sys.modules["bench.flops"].__doc__.strip(),
            "results": []}
@@ -167,15 +175,20 @@ def run_memory(args, argv) -> int:
                     if impl == "mlx" and ref and os.path.exists(ref):
                         cfg["reference"] = ref
                     cfg_path, res_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "res.json")
-                    with open(cfg_path, "w") as f:
-                        json.dump(cfg, f)
                     if os.path.exists(res_path):
                         os.remove(res_path)
                     python = args.torch_python if impl == "torch" else sys.executable
-                    env = _worker_env(blas_extra if impl == "mlx" else {}, args.threads)
+                    extra_env = dict(blas_extra, **({"MLX_DISABLE_COMPILE": "1"} if args.no_compile else {}))
+                    env = _worker_env(extra_env if impl == "mlx" else {}, args.threads)
+                    prefix, perf_data = [], None
+                    if args.profile:
+                        prefix, extra, perf_data = P.prepare(tmp, f"{impl}_{n}_{c}")
+                        cfg.update(extra)
+                    with open(cfg_path, "w") as f:
+                        json.dump(cfg, f)
                     print(f"[bench] {impl:5s} n={n} C={c} ...", end="", flush=True, file=sys.stderr)
                     try:
-                        proc = subprocess.run([python, "-m", "bench.worker", cfg_path, res_path], env=env,
+                        proc = subprocess.run(prefix + [python, "-m", "bench.worker", cfg_path, res_path], env=env,
                                               cwd=str(E.ROOT), capture_output=True, text=True, timeout=args.timeout)
                         stderr = proc.stderr
                     except subprocess.TimeoutExpired:
@@ -187,6 +200,8 @@ def run_memory(args, argv) -> int:
                         why = "timed out" if proc is None else f"exited {proc.returncode}: {stderr.strip()[-300:]}"
                         res = {"impl": impl, "seq_len": n, "chunk": c, "status": "error", "error": f"worker {why}"}
                     doc["results"].append(res)
+                    if perf_data and res.get("status") == "ok":
+                        res["profile"] = P.summarize(perf_data)
                     if res.get("status") == "ok":
                         print(f" median {res['median_s']:.3f} s, peak RSS +{res['memory']['peak_rss_delta_bytes'] / 2**20:.0f}"
                               f" MiB, BLAS {res['blas']['description']}", file=sys.stderr)

@@ -25,9 +25,11 @@ def comparisons(results: list[dict]) -> list[dict]:
             t, m = d["torch"], d["mlx"]
             tp, mp = t["memory"]["peak_rss_delta_bytes"], m["memory"]["peak_rss_delta_bytes"]
             speedup = t["median_s"] / m["median_s"]
+            cpu_speedup = (t["median_cpu_s"] / m["median_cpu_s"]) if m.get("median_cpu_s") else None
             mem_ratio = mp / tp if (tp and mp is not None) else None
             out.append({"seq_len": n, "chunk": c, "torch_median_s": t["median_s"], "mlx_median_s": m["median_s"],
-                        "speedup_mlx_over_torch": speedup, "torch_peak_rss_delta_bytes": tp,
+                        "speedup_mlx_over_torch": speedup,
+                        "cpu_time_speedup_mlx_over_torch": cpu_speedup, "torch_peak_rss_delta_bytes": tp,
                         "mlx_peak_rss_delta_bytes": mp, "mlx_over_torch_peak_memory": mem_ratio,
                         "target_met": bool(speedup > 1 and mem_ratio is not None and mem_ratio <= 0.25)})
     return out
@@ -39,31 +41,33 @@ def markdown(doc: dict) -> str:
     lines.append(f"`NeuralMemory(dim={cfg['dim']}, chunk_size=C, heads={cfg['heads']})`, input "
                  f"(batch={cfg['batch']}, n, {cfg['dim']}), default memory model; median of {cfg['repeats']} "
                  f"timed runs after {cfg['warmup']} warm-up; {cfg['threads']} thread(s). "
-                 "Peak memory = peak RSS of the worker process above its post-set-up baseline.")
+                 "CPU s = median process CPU time (user+sys, all threads) per run. Peak memory = peak RSS of the worker process above its post-set-up baseline.")
     lines.append("")
-    lines.append("| impl | n | C | BLAS | median s | min s | tok/s | peak RSS Δ MB | MLX peak Δ MB "
+    lines.append("| impl | n | C | BLAS | median s | min s | CPU s | tok/s | peak RSS Δ MB | MLX peak Δ MB "
                  "| GFLOP/s | matmul GFLOP/s | efficiency |")
-    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines.append("|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in doc["results"]:
         name = IMPL_NAMES.get(r.get("impl"), r.get("impl"))
         if r.get("status") != "ok":
             lines.append(f"| {name} | {r.get('seq_len')} | {r.get('chunk')} | — | failed: "
-                         f"{r.get('error', '?')[:80]} | | | | | | | |")
+                         f"{r.get('error', '?')[:80]} | | | | | | | | |")
             continue
         mm = r.get("matmul") or {}
         eff = r.get("efficiency")
         lines.append(
             f"| {name} | {r['seq_len']} | {r['chunk']} | {r['blas']['description']} | {r['median_s']:.3f} "
-            f"| {r['min_s']:.3f} | {r['tokens_per_s']:,.0f} | {_mb(r['memory']['peak_rss_delta_bytes'])} "
+            f"| {r['min_s']:.3f} | {r.get('median_cpu_s', float('nan')):.3f} | {r['tokens_per_s']:,.0f} | {_mb(r['memory']['peak_rss_delta_bytes'])} "
             f"| {_mb(r['memory'].get('mlx_peak_delta_bytes'))} | {_g(r['achieved_flops_per_s'])} "
             f"| {_g(mm.get('flops_per_s'))} | {'—' if eff is None else f'{eff:.0%}'} |")
     comps = doc.get("comparisons") or []
     if comps:
-        lines += ["", "| n | C | speed-up (torch time / mlx time) | peak memory mlx / torch | target (faster, ≤ 1/4 memory) |",
-                  "|---:|---:|---:|---:|---|"]
+        lines += ["", "| n | C | speed-up (torch time / mlx time) | CPU-time speed-up | peak memory mlx / torch "
+                  "| target (faster, ≤ 1/4 memory) |", "|---:|---:|---:|---:|---:|---|"]
         for c in comps:
             mr = c["mlx_over_torch_peak_memory"]
+            cs = c.get("cpu_time_speedup_mlx_over_torch")
             lines.append(f"| {c['seq_len']} | {c['chunk']} | {c['speedup_mlx_over_torch']:.2f}× "
+                         f"| {'—' if cs is None else f'{cs:.2f}×'} "
                          f"| {'—' if mr is None else f'{mr:.3f}'} | {'met' if c['target_met'] else 'missed'} |")
     checks = [(r["seq_len"], r["chunk"], r["check"]) for r in doc["results"]
               if r.get("status") == "ok" and r.get("check")]
@@ -75,6 +79,12 @@ def markdown(doc: dict) -> str:
                              f"diff {ch['max_abs_diff_vs_torch']:.2e} (relative {ch['max_rel_diff_vs_torch']:.2e}).")
             else:
                 lines.append(f"- n={n}, C={c}: weights {ch['weights']}.")
+    profiled = [r for r in doc["results"] if r.get("status") == "ok" and r.get("profile")]
+    if profiled:
+        from bench.profile import markdown as prof_md
+        lines += ["", "## Profile (Linux perf, timed runs only; timings above are perturbed by sampling)", ""]
+        for r in profiled:
+            lines += prof_md(f"{IMPL_NAMES.get(r['impl'])} n={r['seq_len']} C={r['chunk']}", r["profile"])
     lines += ["", "Environment:", ""]
     v = env.get("versions", {})
     wv = {}

@@ -26,17 +26,30 @@ def _median(xs):
     return s[k // 2] if k % 2 else 0.5 * (s[k // 2 - 1] + s[k // 2])
 
 
-def _timeit(fn, warmup, repeats, after_warmup=None):
+def _timeit(fn, warmup, repeats, after_warmup=None, perf=None):
     for _ in range(warmup):
         fn()
     if after_warmup:
         after_warmup()
-    times = []
+    if perf:
+        _perf_ctl(perf, "enable")
+    times, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return times
+        cpu.append(time.process_time() - c0)
+    if perf:
+        _perf_ctl(perf, "disable")
+    return times, cpu
+
+
+def _perf_ctl(perf, cmd):
+    """Switch `perf record --control fifo:CTL,ACK` sampling on/off (only the timed runs are sampled)."""
+    with open(perf[0], "w") as ctl:
+        ctl.write(cmd + "\n")
+    with open(perf[1]) as ack:
+        ack.readline()
 
 
 # --------------------------------------------------------------------------------------------- torch
@@ -195,7 +208,8 @@ def run_worker(cfg: dict) -> dict:
     def after_warmup():
         first_peak["rss"] = E.peak_rss_bytes()
 
-    times = _timeit(run, cfg["warmup"], cfg["repeats"], after_warmup if cfg["warmup"] else None)
+    perf = (cfg["perf_ctl"], cfg["perf_ack"]) if cfg.get("perf_ctl") else None
+    times, cpu = _timeit(run, cfg["warmup"], cfg["repeats"], after_warmup if cfg["warmup"] else None, perf)
     peak = E.peak_rss_bytes()
     mem = {"method": "VmRSS/VmHWM from /proc/self/status, HWM reset via /proc/self/clear_refs after set-up"
                      if reset_ok else "getrusage ru_maxrss (not resettable: includes set-up)",
@@ -213,6 +227,9 @@ def run_worker(cfg: dict) -> dict:
     med = _median(times)
     res["median_s"] = med
     res["min_s"] = min(times)
+    # CPU time of the whole process (all threads): less sensitive than wall time to other load on a shared machine
+    res["cpu_times_s"] = cpu
+    res["median_cpu_s"] = _median(cpu)
     res["tokens_per_s"] = cfg["batch"] * cfg["seq_len"] / med
     fl = neural_memory_flops(cfg["seq_len"], cfg["dim"], cfg["chunk"], cfg["batch"], cfg["heads"])
     res["flops"] = fl
@@ -225,7 +242,7 @@ def run_worker(cfg: dict) -> dict:
 
     size = cfg["matmul_size"]
     if size:
-        mm_times = _timeit(matmul(size), 1, cfg["matmul_repeats"])
+        mm_times, _ = _timeit(matmul(size), 1, cfg["matmul_repeats"])
         mm_med = _median(mm_times)
         res["matmul"] = {"size": size, "dtype": "float32", "times_s": mm_times, "median_s": mm_med,
                          "flops_per_s": matmul_flops(size) / mm_med}
