@@ -41,7 +41,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--tokenizer",
         default=DEFAULT_TOKENIZER,
-        help="'bytes' (256 byte tokens, as train_mac.py) or a sentencepiece .model file (default: bytes)",
+        help="'bytes' (256 byte tokens, as train_mac.py), a sentencepiece .model file, or 'none' (default: bytes)",
     )
     parser.add_argument("--kind", choices=("mac", "neural-memory"), default=DEFAULT_KIND, help="model class (default: mac)")
     parser.add_argument("--force", action="store_true", help="replace an existing model directory at --mlx-path")
@@ -89,11 +89,11 @@ def convert(args) -> Path:
         if not is_model_dir(out):
             raise UserError(f"--mlx-path {out} exists and is not a model directory; refusing to replace it")
     tokenizer = None
-    if args.kind == "mac":
+    if args.kind == "mac" and args.tokenizer != "none":
         from titans_mlx.tokenizer import make_tokenizer
 
         tokenizer = make_tokenizer(args.tokenizer)
-    elif args.tokenizer != DEFAULT_TOKENIZER:
+    elif args.kind != "mac" and args.tokenizer not in (DEFAULT_TOKENIZER, "none"):
         raise UserError("--tokenizer applies to --kind mac only")
 
     print(f"[INFO] Loading {args.torch_path}")
@@ -147,7 +147,8 @@ def convert(args) -> Path:
 
     if tokenizer is not None and len(tokenizer) > config["num_tokens"]:
         raise UserError(
-            f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens but the model only {config['num_tokens']}"
+            f"--tokenizer {args.tokenizer} has {len(tokenizer)} tokens but the model only {config['num_tokens']} "
+            "(pass --tokenizer none for a model without one)"
         )
     try:
         save_model(out, model, config, tokenizer, overwrite=args.force)

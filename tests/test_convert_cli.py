@@ -158,6 +158,16 @@ def test_sentencepiece_tokenizer(tmp_path, mac_module):
     _, tok = load(out)
     assert isinstance(tok, SentencePieceTokenizer) and tok.decode(tok.encode("more words")) == "more words"
 
+    buf = io.BytesIO()  # byte fallback: 256 byte pieces + words, more than the model's 256 tokens
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["a tiny corpus of words, words and more words"] * 50),
+                                   model_writer=buf, vocab_size=300, hard_vocab_limit=False, byte_fallback=True,
+                                   minloglevel=2)
+    (tmp_path / "big.model").write_bytes(buf.getvalue())
+    assert_fails(run(*MAC_ARGS, "--mlx-path", tmp_path / "x", "--tokenizer", tmp_path / "big.model"),
+                 "but the model only 256", tmp_path / "x")
+    convert_ok(*MAC_ARGS, "--mlx-path", tmp_path / "none", "--tokenizer", "none")
+    assert load(tmp_path / "none")[1] is None
+
 
 def test_force(tmp_path, mac_module):
     out = tmp_path / "mac"
