@@ -207,7 +207,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
             return _ALLOWED_GLOBALS[(module, name)]
         except (KeyError, TypeError):
             raise pickle.UnpicklingError(
-                f"global {module}.{name} is not allowed in a weights-only checkpoint"
+                f"global {module}.{name} is not allowed in a weights-only checkpoint "
+                "(only state dicts can be read: save with torch.save(model.state_dict(), path))"
             ) from None
 
     def persistent_load(self, pid):
