@@ -56,6 +56,21 @@ def test_byte_stream_holds_back_partial_characters():
     assert segments == ["", "é", "", "", "€"]
 
 
+def test_bytes_train_mac_decoding(tmp_path):
+    # train_mac.py prints samples with chr(max(32, token)) per token
+    tok = ByteTokenizer(decode_mode="train_mac")
+    ids = list("a\tb é".encode("utf-8")) + [7, 255]
+    assert tok.decode(ids) == "a b \u00c3\u00a9 \u00ff" == "".join(chr(max(32, t)) for t in ids)
+    rng = random.Random(0)
+    for _ in range(500):
+        ids = [rng.randrange(-2, 300) for _ in range(rng.randrange(12))]
+        assert stream(tok, ids) == tok.decode(ids)
+    tok.save(tmp_path)
+    assert load_tokenizer(tmp_path).decode_mode == "train_mac"
+    with pytest.raises(ValueError, match="decode_mode"):
+        ByteTokenizer(decode_mode="latin1")
+
+
 def test_bytes_save_load(tmp_path):
     ByteTokenizer(eos_token_id=0).save(tmp_path)
     tok = load_tokenizer(tmp_path)

@@ -115,36 +115,53 @@ def _ints(ids) -> List[int]:
 class ByteTokenizer(_TokenizerBase):
     """Byte-level tokenizer: text -> its UTF-8 bytes, 256 tokens, no special tokens.
 
-    train_mac.py feeds raw enwik8 bytes, so this is its tokenization. For display it prints each
-    byte as `chr(max(32, byte))`; we instead decode the bytes as UTF-8 (invalid or cut-off
-    sequences become U+FFFD), which gives the same text for ASCII and readable text otherwise.
+    train_mac.py feeds raw enwik8 bytes, so this is its tokenization. To print samples it maps each
+    token to `chr(max(32, token))` (Latin-1, control bytes as spaces); `decode_mode="train_mac"` does
+    the same. The default, "utf-8", decodes the bytes as UTF-8 (invalid or cut-off sequences become
+    U+FFFD): the same text for printable ASCII, and readable text for the rest.
+
+    Args:
+        eos_token_id: a byte that ends generation, or None (the default, as train_mac.py).
+        decode_mode: "utf-8" or "train_mac". Default: ``"utf-8"``.
     """
 
-    def __init__(self, eos_token_id: Optional[int] = None):
-        if eos_token_id is not None and not 0 <= eos_token_id < 256:
-            raise ValueError(f"eos_token_id must be a byte (0-255), got {eos_token_id}")
+    DECODE_MODES = ("utf-8", "train_mac")
+
+    def __init__(self, eos_token_id: Optional[int] = None, decode_mode: str = "utf-8"):
+        if eos_token_id is not None and not (isinstance(eos_token_id, int) and 0 <= eos_token_id < 256):
+            raise ValueError(f"eos_token_id must be a byte (0-255), got {eos_token_id!r}")
+        if decode_mode not in self.DECODE_MODES:
+            raise ValueError(f"decode_mode must be one of {self.DECODE_MODES}, got {decode_mode!r}")
         self.eos_token_id = eos_token_id
+        self.decode_mode = decode_mode
+        if decode_mode == "utf-8":
+            # an id outside the vocabulary decodes as a byte that is never valid UTF-8: U+FFFD
+            self._fallback_surface = (b"\xff", "byte")
+        else:
+            self._fallback_surface = ("\ufffd".encode("utf-8"), "text")
 
     def __len__(self) -> int:
         return 256
 
     def __repr__(self) -> str:
-        return f"ByteTokenizer(eos_token_id={self.eos_token_id})"
+        return f"ByteTokenizer(eos_token_id={self.eos_token_id}, decode_mode={self.decode_mode!r})"
 
     _strip_first_space = False
     _decode_errors = "replace"
-    # an id outside the vocabulary decodes as a byte that is never valid UTF-8: U+FFFD
-    _fallback_surface = (b"\xff", "byte")
 
     def _surfaces(self):
-        return [(bytes([i]), "byte") for i in range(256)]
+        if self.decode_mode == "utf-8":
+            return [(bytes([i]), "byte") for i in range(256)]
+        return [(chr(max(32, i)).encode("utf-8"), "text") for i in range(256)]
 
     def encode(self, text: str, add_special_tokens: bool = True) -> List[int]:
         return list(text.encode("utf-8"))
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
-        data = bytes(i if 0 <= i < 256 else 0xFF for i in _ints(ids))
-        return data.decode("utf-8", errors="replace")
+        ids = _ints(ids)
+        if self.decode_mode == "train_mac":
+            return "".join(chr(max(32, i)) if 0 <= i < 256 else "\ufffd" for i in ids)
+        return bytes(i if 0 <= i < 256 else 0xFF for i in ids).decode("utf-8", errors="replace")
 
     def convert_ids_to_tokens(self, ids):
         if isinstance(ids, int):
@@ -155,6 +172,8 @@ class ByteTokenizer(_TokenizerBase):
         config = {"type": "bytes"}
         if self.eos_token_id is not None:
             config["eos_token_id"] = self.eos_token_id
+        if self.decode_mode != "utf-8":
+            config["decode_mode"] = self.decode_mode
         (Path(path) / TOKENIZER_JSON).write_text(json.dumps(config, indent=4) + "\n")
 
 
@@ -275,7 +294,7 @@ def load_tokenizer(path) -> Tokenizer:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path / TOKENIZER_JSON}: invalid JSON ({e})") from None
         if isinstance(config, dict) and config.get("type") == "bytes":
-            return ByteTokenizer(eos_token_id=config.get("eos_token_id"))
+            return ByteTokenizer(config.get("eos_token_id"), config.get("decode_mode", "utf-8"))
         raise ValueError(f"{path / TOKENIZER_JSON}: not a titans-mlx tokenizer (expected {{\"type\": \"bytes\"}})")
     raise ValueError(f"{path}: no tokenizer ({SPM_FILE} or {TOKENIZER_JSON})")
 
