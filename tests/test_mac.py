@@ -175,3 +175,23 @@ def test_live_against_titans_pytorch(overrides):
     model = Model(ModelArgs.from_dict(config))
     model.load_weights(list(model.sanitize(mk.state_dict_numpy(tmodel)).items()), strict=True)
     assert rel_err(model(mx.array(tokens.numpy())), expected) <= 1e-4
+
+
+def test_sanitize_rejects_the_wrong_hyper_connection_variant():
+    if not (HAS_MEMORY and HAS_HYPER):
+        pytest.skip("needs titans_mlx.memory and titans_mlx.hyper_connections")
+    arrays, meta = mx.load(str(FIXTURES / "mac_block_s4_mem.safetensors"), return_metadata=True)
+    config = {**json.loads(meta["config"]), "legacy_hyper_connections": True}
+    sd = {k[3:]: v for k, v in arrays.items() if k.startswith("sd.")}
+    with pytest.raises(ValueError, match="mHC"):
+        Model(ModelArgs.from_dict(config)).sanitize(sd)
+
+
+def test_numpy_tokens_and_dtype():
+    model, arrays, _ = load_fixture("block_s1")
+    tokens = np.asarray(arrays["tokens"])
+    assert rel_err(model(tokens), arrays["logits"]) <= 1e-4
+    model.set_dtype(mx.bfloat16)
+    logits = model(tokens)
+    assert logits.dtype == mx.bfloat16 and not bool(mx.isnan(logits).any())
+    assert rel_err(logits.astype(mx.float32), arrays["logits"]) <= 0.1

@@ -218,6 +218,9 @@ class Model(nn.Module):
         return [MACLayerCache() for _ in self.layers]
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
+        """Token ids (b, n) -> logits (b, n, num_tokens); with a cache from make_cache(), continues the sequence."""
+        if not isinstance(inputs, mx.array):
+            inputs = mx.array(np.asarray(inputs))
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be token ids of shape (batch, n), got shape {tuple(inputs.shape)}")
         if cache is not None and len(cache) != len(self.layers):
@@ -299,6 +302,14 @@ class Model(nn.Module):
     def sanitize(self, weights: dict) -> dict:
         """titans-pytorch ``MemoryAsContextTransformer`` state-dict names -> ours (idempotent)."""
         out, memories = {}, {}
+        if self.args.num_residual_streams > 1:
+            from .hyper_connections import HyperConnection
+
+            legacy = HyperConnection.is_legacy_state_dict(weights.keys())
+            has_hc = any(k.endswith("static_alpha") for k in weights)
+            if has_hc and legacy != self.args.legacy_hyper_connections:
+                raise ValueError(f"checkpoint has {'legacy' if legacy else 'mHC'} hyper-connections, config says "
+                                 f"legacy_hyper_connections={self.args.legacy_hyper_connections}")
         for key, value in weights.items():
             if not isinstance(value, mx.array):
                 value = mx.array(np.asarray(value))
