@@ -137,6 +137,15 @@ def test_sanitize_is_idempotent_and_strict():
         model.load_weights(list({k: v for k, v in once.items() if "to_logits" not in k}.items()), strict=True)
 
 
+def test_loss_is_mean_next_token_cross_entropy():
+    model, arrays, _ = load_fixture("sliding_s1")
+    logits = np.asarray(arrays["logits"], dtype=np.float64)[:, :-1]  # causal: logits of ids[:, :-1] are the same
+    labels = np.asarray(arrays["tokens"])[:, 1:]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    expected = -np.take_along_axis(logp, labels[..., None], -1).mean()
+    assert abs(model.loss(arrays["tokens"]).item() - expected) <= 1e-5 * abs(expected)
+
+
 def test_model_args():
     args = ModelArgs.from_dict(dict(num_tokens=10, dim=8, depth=3, segment_len=4, something_else=1))
     assert args.neural_memory_layers == (1, 2, 3) and args.neural_memory_segment_len == 4
@@ -145,6 +154,8 @@ def test_model_args():
         ModelArgs(num_tokens=10, dim=8, depth=2, segment_len=4, neural_memory_layers=(3,))
     with pytest.raises(ValueError, match="segment_len"):
         ModelArgs(num_tokens=10, dim=8, depth=2, segment_len=0)
+    with pytest.raises(ValueError, match="neural_memory_kwargs"):
+        ModelArgs(num_tokens=10, dim=8, depth=2, segment_len=4, neural_memory_kwargs={"chunk_size": 3})
 
 
 def test_bad_inputs():

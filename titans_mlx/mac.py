@@ -77,6 +77,10 @@ class ModelArgs:
         bad = [i for i in self.neural_memory_layers if not (isinstance(i, int) and 1 <= i <= self.depth)]
         if bad:
             raise ValueError(f"neural_memory_layers must be 1-based layer numbers in 1..{self.depth}, got {bad}")
+        reserved = {"dim", "chunk_size", "batch_size", "model", "qkv_receives_diff_views", "accept_weight_residual"}
+        if not isinstance(self.neural_memory_kwargs, dict) or reserved & set(self.neural_memory_kwargs):
+            raise ValueError(f"neural_memory_kwargs must be a dict without the keys the MAC sets itself "
+                             f"({', '.join(sorted(reserved))}), got {self.neural_memory_kwargs!r}")
         if self.neural_memory_model is not None and not isinstance(self.neural_memory_model, dict):
             raise ValueError("neural_memory_model must be a dict like {'class': 'MemoryMLP', 'dim': 64, ...} or None")
 
@@ -166,11 +170,14 @@ class MACLayer(nn.Module):
                 model = build_memory_model(dict(args.neural_memory_model))
             if layer > 1 and args.neural_memory_qkv_receives_diff_views:
                 self.mem_qkv_selector = MemoryQKVSelector(args.dim, (layer - 1) * 4 + 1)
-            kwargs = dict(args.neural_memory_kwargs)
-            self.mem = NeuralMemory(
-                dim=args.dim, chunk_size=args.neural_memory_segment_len, batch_size=args.neural_memory_batch_size,
-                model=model, qkv_receives_diff_views=True, accept_weight_residual=weight_residual, **kwargs,
-            )
+            try:
+                self.mem = NeuralMemory(
+                    dim=args.dim, chunk_size=args.neural_memory_segment_len, batch_size=args.neural_memory_batch_size,
+                    model=model, qkv_receives_diff_views=True, accept_weight_residual=weight_residual,
+                    **args.neural_memory_kwargs,
+                )
+            except TypeError as e:
+                raise ValueError(f"neural_memory_kwargs: {e}") from None
 
     def _hc(self, name):
         return self[name] if name in self else _PlainResidual()
@@ -286,6 +293,11 @@ class Model(nn.Module):
         if self.num_longterm:
             x = x[:, mx.array(token_positions)]
         return self.to_logits(self.norm(x))
+
+    def loss(self, ids: mx.array) -> mx.array:
+        """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True)."""
+        logits = self(ids[:, :-1])
+        return nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="mean")
 
     def _tokens_before(self, position: int) -> int:
         # positions already processed always end on a token, never inside a run of long-term tokens
