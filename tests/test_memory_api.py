@@ -11,16 +11,17 @@ from titans_mlx.memory_models import MemoryMLP, ResidualNorm
 from titans_mlx.memory_step import autodiff_grads, mlp_store_grads
 
 
+@pytest.mark.parametrize("per_chunk", [True, False])  # one gradient point per chunk (weight residual) or shared
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("depth", [1, 2, 3])
-def test_closed_form_gradients_match_autodiff(residual, depth):
+def test_closed_form_gradients_match_autodiff(residual, depth, per_chunk):
     mx.random.seed(depth)
     model = MemoryMLP(8, depth, 2.0)
     model = ResidualNorm(model) if residual else model
     mem = NeuralMemory(dim=8, chunk_size=4, model=model.model if residual else model,
                        mem_model_norm_add_residual=residual)
     bh, k, c = 3, 5, 4
-    params = [mx.random.normal((bh, 1) + s) * 0.5 for s in model.shapes()]
+    params = [mx.random.normal((bh,) + ((k,) if per_chunk else ()) + s) * 0.5 for s in model.shapes()]
     keys, values = mx.random.normal((bh, k, c, 8)), mx.random.normal((bh, k, c, 8))
     lr = mx.random.uniform(shape=(bh, k, c))
     g1, l1 = mlp_store_grads(model, params, keys, values, lr)

@@ -100,10 +100,11 @@ def _traced_store_block(*args):
     return store_block(*args)
 
 
-def _compiled_store_block(structure: Structure):
-    if structure not in _COMPILED:
-        _COMPILED[structure] = mx.compile(partial(_traced_store_block, structure))
-    return _COMPILED[structure]
+def _compiled_store_block(structure: Structure, want_updates: bool):
+    key = (structure, want_updates)
+    if key not in _COMPILED:
+        _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates))
+    return _COMPILED[key]
 
 
 class NeuralMemory(nn.Module):
@@ -334,19 +335,18 @@ class NeuralMemory(nn.Module):
             retrieve_x = mx.concatenate([context.astype(x.dtype), retrieve_x], axis=1)
             retrieve_x, context = retrieve_x[:, context.shape[1]:], retrieve_x
         if head:
-            read = [mx.expand_dims(w, 1) for w in state.last_update]
             if context is None:
-                outputs.append(retrieve(s, params, read, retrieve_x[:, None, :head]))
+                outputs.append(retrieve(s, params, state.last_update, retrieve_x[:, :head]))
             else:
                 skip = context.shape[1] - m
-                outputs.append(retrieve(s, params, read, context[:, None, :skip + head])[:, skip:])
+                outputs.append(retrieve(s, params, state.last_update, context[:, :skip + head])[:, skip:])
 
         grad_point, last_update, momentum = list(state.grad_point), list(state.last_update), state.momentum
         body = retrieve_x[:, head:]
         n_windows = -(-body.shape[1] // C)
         body = mx.pad(body, [(0, 0), (0, n_windows * C - body.shape[1]), (0, 0)])
         updates, losses, lrs = [[w[:, None]] for w in last_update], [], []
-        step = _compiled_store_block(s)
+        step = _compiled_store_block(s, return_updates)
         hparams = {k: v.astype(x.dtype) for k, v in self._hparams.items()}
         if "transition_gate" in self:
             hparams["transition_gate"] = mx.sigmoid(self.transition_gate).astype(x.dtype)
@@ -371,7 +371,7 @@ class NeuralMemory(nn.Module):
                         for w in prev_weights]
             last_update, momentum, read, ups, (loss, lr) = step(
                 params, hparams, grad_point, last_update, momentum, block_store, valid, boundary,
-                block_read.reshape(batch, K, C, -1), prev)
+                block_read, prev)
             outputs.append(read[:, :kw * C])
             if return_updates:
                 for acc, u in zip(updates, ups):

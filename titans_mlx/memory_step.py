@@ -106,6 +106,8 @@ def autodiff_grads(s: Structure, params, keys, values, lr):
     """Per-chunk gradients by ``mx.vmap(mx.value_and_grad)``: the general path, for any memory model or loss."""
     bh, k = keys.shape[:2]
     flat = lambda t: t.reshape(bh * k, *t.shape[2:])
+    # one gradient point per memory (BH, *shape) or per chunk (BH, K, *shape) -> one per chunk, flattened
+    params = [w if w.ndim == len(shape) + 2 else mx.expand_dims(w, 1) for w, shape in zip(params, s.model.shapes())]
     params = [flat(mx.broadcast_to(w, (bh, k) + w.shape[2:])) for w in params]
 
     def loss(ps, kk, vv, ll):
@@ -121,7 +123,7 @@ def autodiff_grads(s: Structure, params, keys, values, lr):
 def chunk_grads(s: Structure, params, keys, values, lr):
     """Per-chunk gradients of the weighted store loss and the unweighted per-token loss.
 
-    params broadcast against keys' batch axes (BH, K); keys/values (BH, K, c, dh), lr (BH, K, c).
+    params (BH, *shape) shared by all chunks, or (BH, K, *shape); keys/values (BH, K, c, dh), lr (BH, K, c).
     """
     if s.loss_fn is None and has_closed_form(s.model):
         return mlp_store_grads(s.model, params, keys, values, lr)
@@ -134,34 +136,47 @@ def _heads_last(t, b, H):
     return t.reshape(b, n, H, -1).transpose(0, 2, 1, 3).reshape(b * H, n, -1)
 
 
-def retrieve(s: Structure, p, weights, x):
-    """Read the memory: x (b, K, c, dim) query-view tokens, weights (BH, K, *shape); returns (b, K*c, dim)."""
-    b, K, c, _ = x.shape
-    H, dh = s.heads, s.dim_head
-    x = _rms_norm(x.reshape(b, K * c, -1), p.get("retrieve_norm", {}).get("weight"), s.pre_rmsnorm)
-    q = _project(s, p, x, "to_queries").reshape(b, K * c, H, dh).transpose(0, 2, 1, 3)  # (b, H, n, dh)
+def _queries(s: Structure, p, x):
+    """x (b, n, dim) query-view tokens -> their normed form (b, n, dim) and queries (BH, n, dh)."""
+    b, n, _ = x.shape
+    x = _rms_norm(x, p.get("retrieve_norm", {}).get("weight"), s.pre_rmsnorm)
+    q = _project(s, p, x, "to_queries").reshape(b, n, s.heads, s.dim_head).transpose(0, 2, 1, 3)
     if s.qk_rmsnorm:
         q = _multihead_rms_norm(q, p["q_norm"]["gamma"])
-    q = q.reshape(b * H, K, c, dh)
-    y = s.model(weights, q).reshape(b, H, K * c, dh)
+    return x, q.reshape(b * s.heads, n, s.dim_head)
+
+
+def _read_out(s: Structure, p, y, x):
+    """Memory outputs y (BH, n, dh) -> the layer's output (b, n, dim): post norm, per-head gate, head merge."""
+    b, n, _ = x.shape
+    H, dh = s.heads, s.dim_head
+    y = y.reshape(b, H, n, dh)
     if s.post_rmsnorm:
         y = _multihead_rms_norm(y, p["multihead_rmsnorm"]["gamma"])
     if H > 1:
         gate = mx.sigmoid(_linear(p["retrieve_gate"], x, bias=False))  # (b, n, H)
         y = y * mx.expand_dims(gate.transpose(0, 2, 1), -1)
-    y = y.transpose(0, 2, 1, 3).reshape(b, K * c, H * dh)
+    y = y.transpose(0, 2, 1, 3).reshape(b, n, H * dh)
     return _linear(p["combine_heads"], y, bias=False) if H > 1 else y
 
 
-def store_block(s: Structure, p, hp, grad_point, last_update, momentum, store_x, valid, boundary, retrieve_x, prev):
+def retrieve(s: Structure, p, weights, x):
+    """Read one memory per (batch, head), weights (BH, *shape), with x (b, n, dim) query-view tokens."""
+    x, q = _queries(s, p, x)
+    return _read_out(s, p, s.model(weights, q), x)
+
+
+def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update, momentum, store_x, valid, boundary,
+                retrieve_x, prev):
     """Store K chunks and read the K windows they serve.
 
     grad_point/last_update: lists (BH, *shape); momentum: list (order, BH, *shape) or None;
     store_x: (b, K*C, dim) or (2, b, K*C, dim) raw store tokens; valid: (K,) bool (padding chunks are False);
     boundary: (K,) bool, True where a chunk ends a TTT mini-batch (the gated transition applies there);
-    retrieve_x: (b, K, C, dim) raw query tokens of the windows; prev: list (BH, K, *shape) of the previous memory
+    retrieve_x: (b, K*C, dim) raw query tokens of the windows; prev: list (BH, K, *shape) of the previous memory
     layer's weights before each chunk (weight residual) or None; hp: dict of hyper-parameter arrays.
-    Returns (last_update, momentum, retrieved (b, K*C, dim), updates (list (BH, K, *shape)), (loss, lr) (BH, K, c')).
+    Returns (last_update, momentum, retrieved (b, K*C, dim), updates (list (BH, K, *shape), if want_updates),
+    (loss, lr) (BH, K, c')).
     """
     H, dh, C, u = s.heads, s.dim_head, s.chunk_size, s.num_kv_per_token
     norm_w = p.get("store_norm", {}).get("weight")
@@ -201,7 +216,7 @@ def store_block(s: Structure, p, hp, grad_point, last_update, momentum, store_x,
         mix = per_chunk("to_learned_weight_residual_mix")[0]
         point = [mx.expand_dims(w, 1) + _expand(mix, t.ndim) * t for w, t in zip(grad_point, prev)]
     else:
-        point = [mx.expand_dims(w, 1) for w in grad_point]
+        point = grad_point
     if s.lookahead:  # train each key on the next token's value, within the chunk
         keys, values, lr = keys[:, :, :-1], values[:, :, 1:], lr[:, :, :-1]
     grads, loss = chunk_grads(s, point, keys, values, lr)
@@ -217,37 +232,37 @@ def store_block(s: Structure, p, hp, grad_point, last_update, momentum, store_x,
             combine = per_chunk("to_learned_momentum_combine", orders, fn=None)
             combine = mx.softmax(combine, axis=0, precise=True)
 
-    # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S
-    updates = [[] for _ in grads]
-    new_update, new_momentum = [], [] if s.momentum else None
-    for i, (g, U) in enumerate(zip(grads, last_update)):
-        S = momentum[i] if s.momentum else None
-        for k in range(K):
+    # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S; each new U serves
+    # the next window of C queries. (Reading chunk by chunk, not stacking K weight copies, is faster and lighter.)
+    rx, queries = _queries(s, p, retrieve_x)
+    queries = queries.reshape(b * H, K, C, dh)
+    U, S = list(last_update), list(momentum) if s.momentum else None
+    reads, updates = [], []
+    for k in range(K):
+        for i, g in enumerate(grads):
             surprise = -g[:, k]
             delta = surprise
             if s.momentum:
                 orders, x = [], surprise
                 for o in range(s.momentum_order):
-                    x = _expand(eta[o, :, k], x.ndim) * S[o] + x
+                    x = _expand(eta[o, :, k], x.ndim) * S[i][o] + x
                     orders.append(x)
-                S_next = mx.stack(orders)
                 if s.learned_combine:
                     terms = ([surprise] if s.combine_include_zeroth else []) + orders
                     delta = sum(_expand(combine[j, :, k], t.ndim) * t for j, t in enumerate(terms))
                 else:
                     delta = orders[-1]
-                S = mx.where(valid[k], S_next, S)
+                S[i] = mx.where(valid[k], mx.stack(orders), S[i])
             if s.spectral_norm:
                 delta = _newton_schulz5(delta)
-            U = mx.where(valid[k], _expand(1.0 - decay[:, k], U.ndim) * U + delta, U)
+            new = mx.where(valid[k], _expand(1.0 - decay[:, k], U[i].ndim) * U[i] + delta, U[i])
             if s.gated_transition:  # at a mini-batch boundary ease from the gradient point to the new weights
                 W = grad_point[i]
-                U = mx.where(boundary[k], W + hp["transition_gate"] * (U - W), U)
-            updates[i].append(U)
-        new_update.append(U)
-        if s.momentum:
-            new_momentum.append(S)
-    updates = [mx.stack(us, axis=1) for us in updates]
-
-    retrieved = retrieve(s, p, updates, retrieve_x)
-    return new_update, new_momentum, retrieved, updates, (loss, lr)
+                new = mx.where(boundary[k], W + hp["transition_gate"] * (new - W), new)
+            U[i] = new
+        reads.append(s.model(U, queries[:, k]))
+        if want_updates:
+            updates.append(list(U))
+    retrieved = _read_out(s, p, mx.stack(reads, axis=1).reshape(b * H, K * C, dh), rx)
+    updates = [mx.stack(us, axis=1) for us in zip(*updates)] if want_updates else None
+    return U, S, retrieved, updates, (loss, lr)
