@@ -166,6 +166,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="cache"):
         model(mx.array([[1, 2]]), cache=[])
     assert model(mx.zeros((2, 0), dtype=mx.int32)).shape == (2, 0, 10)
+    cache = model.make_cache()
+    model(mx.array([[1, 2, 3]]), cache=cache)
+    with pytest.raises(ValueError, match="batch"):
+        model(mx.array([[1], [2]]), cache=cache)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -132,6 +132,8 @@ class SegmentedAttention(nn.Module):
             if cache.offset != start:
                 raise ValueError(f"attention cache is at position {cache.offset}, call starts at {start}")
             if cache.keys is not None:
+                if cache.keys.shape[0] != b:
+                    raise ValueError(f"cache was built for batch {cache.keys.shape[0]}, got batch {b}")
                 k_start = cache.start
                 k = mx.concatenate([cache.keys, k], axis=2)
                 v = mx.concatenate([cache.values, v], axis=2)
