@@ -105,3 +105,17 @@ def test_bad_input_names_the_problem():
         NeuralMemory(dim=8, chunk_size=(2, 4))
     with pytest.raises(ValueError, match="multiple of the chunk size"):
         NeuralMemory(dim=8, chunk_size=4, batch_size=6)
+
+
+def test_gelu_and_its_derivative_match_the_exact_erf():
+    import math
+
+    from titans_mlx.memory_models import gelu, gelu_grad
+
+    z = np.linspace(-9, 9, 20001)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in z])
+    exact_grad = np.array([0.5 * (1 + math.erf(v / math.sqrt(2))) + v * math.exp(-v * v / 2) / math.sqrt(2 * math.pi)
+                           for v in z])
+    zz = mx.array(z.astype(np.float32))
+    assert np.all(np.abs(np.array(gelu(zz)) - exact) <= 3e-7 * np.maximum(1, np.abs(z)))
+    assert np.abs(np.array(gelu_grad(zz)) - exact_grad).max() <= 1e-6

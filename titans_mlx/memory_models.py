@@ -18,45 +18,50 @@ LAYER_NORM_EPS = 1e-5  # torch nn.LayerNorm default, used by the memory models' 
 
 
 # MLX's CPU erf and exp are scalar loops ~100x slower than a multiply, and GELU dominates the memory update.
-# Eigen's rational approximation of float32 erf (|error| < 5e-7 on [-4, 4], clamped outside) is plain
-# multiply-adds that fuse under mx.compile on every backend. Coefficients are in x^2, highest power first.
+# Eigen's rational approximation of float32 erf (|error| < 5e-7 on [-4, 4], clamped outside) and a polynomial
+# exp are plain multiply-adds that fuse under mx.compile on every backend. Coefficients: powers of x^2, highest first.
 _ERF_P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
           -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
 _ERF_Q = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
           -1.42647390514189e-02)
 
 
-def _horner(coefs, t):
-    """Polynomial and its derivative at t."""
-    p, dp = coefs[0], 0.0
-    for c in coefs[1:]:
-        dp = dp * t + p
-        p = p * t + c
-    return p, dp
-
-
-def _erf_parts(y):
+def _erf(y):
     y = mx.clip(y, -4.0, 4.0)
     t = y * y
-    return y, t, _horner(_ERF_P, t), _horner(_ERF_Q, t)
+    p, q = _ERF_P[0], _ERF_Q[0]
+    for c in _ERF_P[1:]:
+        p = p * t + c
+    for c in _ERF_Q[1:]:
+        q = q * t + c
+    return y * p / q
+
+
+def _exp(x):
+    """exp(x) for x <= 0 in float32 (Cody-Waite reduction, degree-7 polynomial; relative error < 3e-7)."""
+    x = mx.maximum(x, -87.0)
+    n = mx.floor(x * (1.0 / math.log(2.0)) + 0.5)
+    g = x - n * 0.693359375 - n * -2.12194440e-4  # x - n*ln2 with ln2 split so n*ln2_hi is exact
+    p = 1.0 / 5040
+    for c in (1 / 720, 1 / 120, 1 / 24, 1 / 6, 0.5, 1.0, 1.0):
+        p = p * g + c
+    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # * 2^n
 
 
 def gelu(x: mx.array) -> mx.array:
     """Exact-erf GELU, as torch's F.gelu."""
     if x.dtype == mx.float64:
         return nn.gelu(x)
-    y, _, (p, _), (q, _) = _erf_parts(x.astype(mx.float32) * math.sqrt(0.5))
-    return (0.5 * x * (1.0 + y * p / q)).astype(x.dtype)
+    return (0.5 * x * (1.0 + _erf(x.astype(mx.float32) * math.sqrt(0.5)))).astype(x.dtype)
 
 
 def gelu_grad(z: mx.array) -> mx.array:
-    """d/dz GELU(z) = Phi(z) + z * phi(z); phi from the derivative of the same rational erf."""
+    """d/dz GELU(z) = Phi(z) + z * phi(z)."""
     if z.dtype == mx.float64:
         return 0.5 * (1.0 + mx.erf(z * math.sqrt(0.5))) + z * mx.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    y, t, (p, dp), (q, dq) = _erf_parts(z.astype(mx.float32) * math.sqrt(0.5))
-    d_erf = (p + 2.0 * t * dp) / q - 2.0 * t * p * dq / (q * q)
-    d_erf = mx.where(mx.abs(y) < 4.0, d_erf, 0.0)
-    return (0.5 * (1.0 + y * p / q) + z * d_erf * math.sqrt(0.125)).astype(z.dtype)
+    z32 = z.astype(mx.float32)
+    cdf = 0.5 * (1.0 + _erf(z32 * math.sqrt(0.5)))
+    return (cdf + z32 * _exp(-0.5 * z32 * z32) * (1.0 / math.sqrt(2.0 * math.pi))).astype(z.dtype)
 
 
 def _gamma(g: mx.array) -> mx.array:
