@@ -1,6 +1,6 @@
 """Benchmarks of titans_mlx against titans-pytorch, run from the repository root.
 
-    python -m bench memory [--seq-lens 4096] [--chunk 64] [--blas stock|openblas|PATH] ...
+    python -m bench [memory] [--seq-lens 4096] [--chunk 64] [--blas stock|openblas|PATH] ...
     python -m bench report bench/results/NAME.json      # redo the .md/.png from a .json
     python -m bench env                                 # print the environment record
 
@@ -211,7 +211,7 @@ def run_memory(args, argv) -> int:
     doc["flops_per_config"] = {f"n{n}_c{c}": neural_memory_flops(n, args.dim, c, args.batch, args.heads)
                                for n in args.seq_lens for c in args.chunk}
     doc["comparisons"] = comparisons(doc["results"])
-    paths = write_outputs(doc, out_dir / name, plot_png=not args.no_plot)
+    paths = write_outputs(doc, out_dir / name, plot_png=not (args.no_plot or args.profile))
     for p in paths:
         print(p)
     print(markdown(doc))
@@ -233,6 +233,8 @@ def write_outputs(doc: dict, stem: Path, plot_png: bool = True) -> list[str]:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["memory", *argv]  # the default workload: `python -m bench --blas openblas`
     args = setup_arg_parser().parse_args(argv)
     try:
         if args.cmd == "memory":
