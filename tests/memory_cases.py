@@ -12,8 +12,17 @@ MEMORY_FIXTURES = FIXTURES / "memory"
 CASE_NAMES = sorted(p.stem for p in MEMORY_FIXTURES.glob("*.npz"))
 
 
+# the MLX side of the callables named in make_memory_fixtures.CALLABLES
+CALLABLES = {
+    "half_tanh": lambda t: 0.5 * (mx.tanh(t) + 1) * 0.3,
+    "l1": lambda pred, target: mx.mean(mx.abs(pred - target), axis=-1),
+}
+
+
 def load_memory(case: dict) -> NeuralMemory:
-    mem = NeuralMemory(**case["config"])
+    config = {k: CALLABLES.get(v, v) if isinstance(v, str) and k != "activation" else v
+              for k, v in case["config"].items()}
+    mem = NeuralMemory(**config)
     mem.load_weights(list(mem.sanitize(case["sd"]).items()), strict=True)
     return mem
 
