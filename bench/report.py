@@ -103,6 +103,8 @@ def markdown(doc: dict) -> str:
             desc = f"{IMPL_NAMES.get(r['impl'])}: {b['framework']} {b.get('device')}, BLAS {r['blas']['description']}"
             if r["blas"].get("openblas_config"):
                 desc += f" [{r['blas']['openblas_config']}]"
+            if b.get("blas_build"):
+                desc += f" [{b['blas_build']}; CPU capability {b.get('cpu_capability')}]"
             if desc not in backends:
                 backends.append(desc)
     for b in backends:

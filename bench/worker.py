@@ -89,12 +89,14 @@ def _setup_torch(cfg):
             arrays["sd/" + k] = v.detach().cpu().contiguous().numpy()
         np.savez(path, **arrays)
 
-    blas_info = None
     import re as _re
-    m = _re.search(r"BLAS_INFO=(\w+)", torch.__config__.show())
-    if m:
-        blas_info = m.group(1)
+    config = torch.__config__.show()
+    m = _re.search(r"BLAS_INFO=(\w+)", config)
+    blas_info = m.group(1) if m else None
+    m = _re.search(r"^\s*- (.*Math Kernel Library Version[^\n]*)", config, _re.M)
+    cap = _re.search(r"CPU capability usage: (\w+)", config)
     backend = {"framework": "torch", "device": "cpu", "num_threads": torch.get_num_threads(),
+               "blas_build": m.group(1).strip() if m else None, "cpu_capability": cap.group(1) if cap else None,
                "num_interop_threads": torch.get_num_interop_threads(), "blas_info": blas_info,
                "mode": "torch.no_grad(), eval()"}
     return run, matmul, export, backend, None
