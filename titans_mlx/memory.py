@@ -173,7 +173,9 @@ class NeuralMemory(nn.Module):
         self.batch_size = batch_size
         self.heads, self.dim_head, self.dim = heads, dim_head, dim
         self.per_head_learned_parameters = per_head_learned_parameters
-        self.eval_per_block = True  # bound memory on long inputs; set False to differentiate through the memory
+        # evaluate between processing blocks so long inputs never hold more than one block's graph; set False to
+        # differentiate through the memory over inputs longer than one block
+        self.eval_per_block = True
         self.structure = Structure(
             dim=dim, heads=heads, dim_head=dim_head, chunk_size=store_chunk, num_kv_per_token=num_kv_per_token,
             model=model, views=qkv_receives_diff_views, pre_rmsnorm=pre_rmsnorm, qk_rmsnorm=qk_rmsnorm,
@@ -305,6 +307,17 @@ class NeuralMemory(nn.Module):
         k = max(1, min(MAX_BLOCK_CHUNKS, BLOCK_BYTES // per_chunk))
         return 1 << (k.bit_length() - 1)
 
+    def _blocks(self, first_chunk, n_chunks, ttt, batch):
+        """(first chunk, chunk count, ends a TTT mini-batch) of each processing block; blocks never cross a
+        mini-batch boundary, since the gradient point changes there."""
+        C, kmax, c0 = self.chunk_size, self._block_chunks(batch), 0
+        while c0 < n_chunks:
+            kc = min(kmax, n_chunks - c0)
+            if ttt is not None:
+                kc = min(kc, ttt // C - (first_chunk + c0) % (ttt // C))
+            yield c0, kc, ttt is not None and ((first_chunk + c0 + kc) * C) % ttt == 0
+            c0 += kc
+
     def __call__(self, x, state=None, prev_weights=None, return_surprises=False, return_updates=False,
                  detach_mem_state=False, ttt_batch_size=None, store_seq=None, store_mask=None):
         if store_seq is not None or store_mask is not None:
@@ -350,28 +363,20 @@ class NeuralMemory(nn.Module):
         hparams = {k: v.astype(x.dtype) for k, v in self._hparams.items()}
         if "transition_gate" in self:
             hparams["transition_gate"] = mx.sigmoid(self.transition_gate).astype(x.dtype)
-        kmax = self._block_chunks(batch)
-        c0 = 0
-        while c0 < n_chunks:
-            kc = min(kmax, n_chunks - c0)
-            if ttt is not None:  # a block never crosses a TTT mini-batch boundary
-                per_batch = ttt // C
-                kc = min(kc, per_batch - (first_chunk + c0) % per_batch)
+        for c0, kc, ends_batch in self._blocks(first_chunk, n_chunks, ttt, batch):
             K = 1 << (kc - 1).bit_length()  # bucket the block size: a handful of compiled shapes
             pad = [(0, 0)] * (store_all.ndim - 2) + [(0, (K - kc) * C), (0, 0)]
             block_store = mx.pad(store_all[..., c0 * C:(c0 + kc) * C, :], pad)
             kw = max(0, min(kc, n_windows - c0))
             block_read = mx.pad(body[:, c0 * C:(c0 + kw) * C], [(0, 0), (0, (K - kw) * C), (0, 0)])
             valid = mx.arange(K) < kc
-            ends_batch = ttt is not None and ((first_chunk + c0 + kc) * C) % ttt == 0
             boundary = mx.arange(K) == (kc - 1 if ends_batch else -1)
             prev = None
             if s.weight_residual:
                 prev = [mx.pad(w[:, c0:c0 + kc], [(0, 0), (0, K - kc)] + [(0, 0)] * (w.ndim - 2))
                         for w in prev_weights]
             last_update, momentum, read, ups, (loss, lr) = step(
-                params, hparams, grad_point, last_update, momentum, block_store, valid, boundary,
-                block_read, prev)
+                params, hparams, grad_point, last_update, momentum, block_store, valid, boundary, block_read, prev)
             outputs.append(read[:, :kw * C])
             if return_updates:
                 for acc, u in zip(updates, ups):
@@ -379,10 +384,9 @@ class NeuralMemory(nn.Module):
             if return_surprises:
                 losses.append(loss[:, :kc])
                 lrs.append(lr[:, :kc])
-            c0 += kc
             if ends_batch:  # the next mini-batch takes its gradients at the latest weights
                 grad_point = list(last_update)
-            if self.eval_per_block:
+            if self.eval_per_block and c0 + kc < n_chunks:  # more blocks follow: don't hold this one's graph
                 mx.eval(outputs[-1], last_update, momentum, grad_point)
 
         y = mx.concatenate(outputs, axis=1)[:, :m] if outputs else mx.zeros((batch, 0, self.dim), x.dtype)
