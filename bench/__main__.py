@@ -11,6 +11,7 @@ another, torch first; results go to OUT/NAME.json, OUT/NAME.md and (with matplot
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -226,8 +227,11 @@ def write_outputs(doc: dict, stem: Path, plot_png: bool = True) -> list[str]:
     with open(f"{stem}.md", "w") as f:
         f.write(markdown(doc))
     paths.append(f"{stem}.md")
-    if plot_png and plot(doc, f"{stem}.png"):
-        paths.append(f"{stem}.png")
+    if plot_png:
+        if plot(doc, f"{stem}.png"):
+            paths.append(f"{stem}.png")
+        elif importlib.util.find_spec("matplotlib") is None:
+            print("[bench] matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
     return paths
 
 
