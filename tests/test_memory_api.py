@@ -99,8 +99,11 @@ def test_bad_input_names_the_problem():
     other = NeuralMemory(dim=8, chunk_size=4, heads=2, dim_head=4)
     with pytest.raises(ValueError, match="does not fit"):
         other(mx.zeros((2, 5, 8)), state=state)  # another configuration
+    residual = NeuralMemory(dim=8, chunk_size=4, accept_weight_residual=True)
     with pytest.raises(ValueError, match="prev_weights"):
-        NeuralMemory(dim=8, chunk_size=4, accept_weight_residual=True)(mx.zeros((1, 5, 8)))
+        residual(mx.zeros((1, 5, 8)))
+    with pytest.raises(ValueError, match="prev_weights must be 3 arrays"):
+        residual(mx.zeros((1, 9, 8)), prev_weights=[mx.zeros((1, 1, 8))] * 3)  # 2 chunks need 2 entries
     with pytest.raises(NotImplementedError, match="chunk_size"):
         NeuralMemory(dim=8, chunk_size=(2, 4))
     with pytest.raises(ValueError, match="multiple of the chunk size"):

@@ -300,6 +300,18 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"input must have shape {want} with dim={self.dim}, got {tuple(x.shape)}")
         return x
 
+    def _check_prev_weights(self, prev, batch, n_chunks):
+        # titans-pytorch passes a dict of named tensors; its values in parameter order are the same thing
+        prev = list(prev.values()) if isinstance(prev, dict) else list(prev)
+        shapes = [(batch * self.heads, *shape) for shape in self.memory_model.shapes()]
+        if len(prev) != len(shapes) or any(not isinstance(w, mx.array) or w.ndim != len(shape) + 1 or
+                                           w.shape[0] != shape[0] or w.shape[2:] != shape[1:] or w.shape[1] < n_chunks
+                                           for w, shape in zip(prev, shapes)):
+            got = [tuple(w.shape) if isinstance(w, mx.array) else type(w).__name__ for w in prev]
+            raise ValueError(f"prev_weights must be {len(shapes)} arrays (batch*heads, >= {n_chunks} chunks, *shape) "
+                             f"for shapes {shapes}, got {got}")
+        return prev
+
     # ---- forward ------------------------------------------------------------------------------------------------
 
     def _block_chunks(self, batch):
@@ -337,6 +349,8 @@ class NeuralMemory(nn.Module):
         store_all = mx.concatenate([state.buffer.astype(x.dtype), store_new], axis=-2)
         first_chunk = state.seq_index // C
         n_chunks = store_all.shape[-2] // C
+        if s.weight_residual:
+            prev_weights = self._check_prev_weights(prev_weights, batch, n_chunks)
         p = state.seq_index + state.buffer.shape[-2]  # absolute position of the first new token
         # tokens before position seq_index + C - 1 read the memory as it stands now; the rest read it in windows of
         # C tokens, window j after the j-th chunk completed in this call
