@@ -70,6 +70,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="give titans_mlx titans-pytorch's weights and input and report the output difference")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--timeout", type=float, default=1800, help="seconds per worker (default 1800)")
+    m.add_argument("--torch-max-gb", type=float, default=None,
+                   help="skip titans-pytorch where its estimated peak memory (16·n·d·4d·4 B / C, fitted to measured "
+                        "runs) exceeds this many GB (default: half of this machine's RAM); the skip is recorded")
     m.add_argument("--out", default=str(DEFAULT_OUT), help=f"output directory (default {DEFAULT_OUT})")
     m.add_argument("--name", default=None, help="file stem (default memory_<blas>_n<lens>_c<chunks>_d<dim>)")
     m.add_argument("--no-plot", action="store_true")
@@ -78,6 +81,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     m.add_argument("--profile", action="store_true",
                    help="sample the timed runs with Linux perf and report where the time goes (timings are then "
                         "perturbed; name is suffixed _profile)")
+
+    from bench.mac import add_parser as _add_mac
+    _add_mac(sub, _int_list)
 
     r = sub.add_parser("report", help="rewrite the .md (and .png) next to benchmark JSON files")
     r.add_argument("json", nargs="+")
@@ -161,12 +167,23 @@ def run_memory(args, argv) -> int:
     doc["config"]["impls"] = impls
     doc["config"]["torch_python"] = args.torch_python if "torch" in impls else None
 
+    total = E.total_memory_bytes()
+    torch_max = args.torch_max_gb * 1e9 if args.torch_max_gb is not None else (total / 2 if total else None)
+    doc["config"]["torch_max_bytes"] = torch_max
     failed = False
     with tempfile.TemporaryDirectory(prefix="titans-bench-") as tmp:
         for n in args.seq_lens:
             for c in args.chunk:
                 ref = None
                 for impl in impls:
+                    est = torch_peak_estimate(n, args.dim, c, args.batch)
+                    if impl == "torch" and torch_max and est > torch_max:
+                        doc["results"].append({"impl": impl, "seq_len": n, "chunk": c, "status": "skipped",
+                                               "estimated_peak_bytes": est,
+                                               "error": f"not run: estimated peak memory {est / 1e9:.0f} GB > "
+                                                        f"limit {torch_max / 1e9:.0f} GB (--torch-max-gb)"})
+                        print(f"[bench] torch n={n} C={c} skipped (estimated {est / 1e9:.0f} GB)", file=sys.stderr)
+                        continue
                     cfg = {"impl": impl, "seq_len": n, "chunk": c, "dim": args.dim, "heads": args.heads,
                            "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
                            "threads": args.threads, "seed": args.seed, "matmul_size": args.matmul_size,
@@ -219,16 +236,23 @@ def run_memory(args, argv) -> int:
     return 1 if failed else 0
 
 
-def write_outputs(doc: dict, stem: Path, plot_png: bool = True) -> list[str]:
+def torch_peak_estimate(n: int, dim: int, chunk: int, batch: int = 1) -> float:
+    """titans-pytorch NeuralMemory forward's peak RSS, bytes: ~16 float32 copies of the per-chunk weights
+    (n/C chunks of d·4d), fitted to the runs in bench/results (C=64: 9.2 GB at 16K; C=16: 8.8 GB at 4K)."""
+    return 16.0 * batch * n * dim * 4 * dim * 4 / chunk
+
+
+def write_outputs(doc: dict, stem: Path, plot_png: bool = True, md=None, plot_fn=None) -> list[str]:
+    md, plot_fn = md or markdown, plot_fn or plot
     paths = []
     with open(f"{stem}.json", "w") as f:
         json.dump(doc, f, indent=1)
     paths.append(f"{stem}.json")
     with open(f"{stem}.md", "w") as f:
-        f.write(markdown(doc))
+        f.write(md(doc))
     paths.append(f"{stem}.md")
     if plot_png:
-        if plot(doc, f"{stem}.png"):
+        if plot_fn(doc, f"{stem}.png"):
             paths.append(f"{stem}.png")
         elif importlib.util.find_spec("matplotlib") is None:
             print("[bench] matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
@@ -243,6 +267,9 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "memory":
             return run_memory(args, argv)
+        if args.cmd == "mac":
+            from bench.mac import run_mac
+            return run_mac(args, argv, sys.modules[__name__])
         if args.cmd == "report":
             for path in args.json:
                 try:
@@ -250,8 +277,14 @@ def main(argv=None) -> int:
                         doc = json.load(f)
                 except (OSError, ValueError) as e:
                     raise UserError(f"report: cannot read {path}: {e}")
-                doc["comparisons"] = comparisons(doc["results"])
-                for p in write_outputs(doc, Path(path).with_suffix("")):
+                if doc.get("benchmark") == "mac_context_depth":
+                    from bench.mac_report import markdown as mmd, plot as mplot, summary
+                    doc["summary"] = summary(doc)
+                    outs = write_outputs(doc, Path(path).with_suffix(""), True, mmd, mplot)
+                else:
+                    doc["comparisons"] = comparisons(doc["results"])
+                    outs = write_outputs(doc, Path(path).with_suffix(""))
+                for p in outs:
                     print(p)
             return 0
         if args.cmd == "env":

@@ -49,7 +49,8 @@ def markdown(doc: dict) -> str:
     for r in doc["results"]:
         name = IMPL_NAMES.get(r.get("impl"), r.get("impl"))
         if r.get("status") != "ok":
-            lines.append(f"| {name} | {r.get('seq_len')} | {r.get('chunk')} | — | failed: "
+            lines.append(f"| {name} | {r.get('seq_len')} | {r.get('chunk')} | — | "
+                         f"{'' if r.get('status') == 'skipped' else 'failed: '}"
                          f"{r.get('error', '?')[:80]} | | | | | | | | |")
             continue
         mm = r.get("matmul") or {}
@@ -128,6 +129,8 @@ def plot(doc: dict, path: str) -> bool:
     ok = [r for r in doc["results"] if r.get("status") == "ok"]
     if not ok:
         return False
+    if len({r["seq_len"] for r in ok}) >= 3:
+        return _plot_sweep(doc, ok, path, plt)
     keys = sorted({(r["seq_len"], r["chunk"]) for r in ok})
     impls = [i for i in ("torch", "mlx") if any(r["impl"] == i for r in ok)]
     blas = {r["impl"]: r["blas"]["description"] for r in ok}
@@ -151,6 +154,38 @@ def plot(doc: dict, path: str) -> bool:
     cfg = doc["config"]
     fig.suptitle(f"NeuralMemory(dim={cfg['dim']}) store+retrieve, batch {cfg['batch']}, {cfg['threads']} thread(s) "
                  f"— {doc['environment']['cpu']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_sweep(doc, ok, path, plt) -> bool:
+    """Tokens/s and peak memory against sequence length (log-x), one line per (implementation, chunk)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    series = sorted({(r["impl"], r["chunk"]) for r in ok}, key=lambda k: (k[0] != "torch", -k[1]))
+    for impl, c in series:
+        rs = sorted((r for r in ok if r["impl"] == impl and r["chunk"] == c), key=lambda r: r["seq_len"])
+        xs = [r["seq_len"] for r in rs]
+        style = dict(marker="o" if impl == "mlx" else "s", linestyle="-" if impl == "mlx" else "--",
+                     label=f"{IMPL_NAMES[impl]} C={c} ({rs[0]['blas']['description'].split(' (')[0]})")
+        axes[0].plot(xs, [r["tokens_per_s"] for r in rs], **style)
+        axes[1].plot(xs, [(r["memory"]["peak_rss_delta_bytes"] or 0) / 2**20 for r in rs], **style)
+    skipped = sorted({(r["seq_len"], r["chunk"]) for r in doc["results"] if r.get("status") == "skipped"})
+    for ax, title in zip(axes, ("tokens/s (median run)", "peak RSS above baseline (MiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length n (tokens)")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    cfg = doc["config"]
+    note = ""
+    if skipped:
+        note = "\ntitans-pytorch not run (estimated memory over the limit): " + ", ".join(
+            f"n={n} C={c}" for n, c in skipped)
+    fig.suptitle(f"NeuralMemory(dim={cfg['dim']}) store+retrieve, batch {cfg['batch']}, {cfg['threads']} thread(s) "
+                 f"— {doc['environment']['cpu']}{note}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -77,3 +77,21 @@ def test_flop_formula_default_config():
     big = 6 * n * d * d + 14 * n * d * h
     small = 2 * n * d + (n // c) * (4 * d + 4 * (2 * d * h + d))
     assert neural_memory_flops(n, d, c) == big + small
+
+
+@pytest.mark.skipif(importlib.util.find_spec("titans_mlx.generate") is None, reason="titans_mlx.generate not there yet")
+def test_mac_smoke(tmp_path):
+    config = {"model_type": "titans_mac", "num_tokens": 64, "dim": 32, "depth": 1, "segment_len": 8, "heads": 2,
+              "dim_head": 16, "num_longterm_mem_tokens": 2, "num_persist_mem_tokens": 2, "num_residual_streams": 1,
+              "sliding_window_attn": True, "neural_memory_model": {"class": "MemoryMLP", "dim": 32, "depth": 1}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    r = _bench("mac", "--impl", "mlx", "--depths", "40", "--tg", "3", "--prefill-step", "16", "--matmul-size", "0",
+               "--config", str(tmp_path / "config.json"), "--out", str(tmp_path), "--name", "smoke", "--no-plot")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    (res,) = doc["results"]
+    assert res["status"] == "ok", res
+    assert res["depth"] == 40 and res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0
+    assert res["last_block"]["tokens"] == 16 and res["mlx_peak_delta_bytes"] > 0
+    md = (tmp_path / "smoke.md").read_text()
+    assert "tg3 @ d40" in md and "pp40" in md
