@@ -5,7 +5,7 @@ use its neural memory, half of the training windows get a passage of text copied
 than attention can reach (sliding windows of segment+long-term tokens, over a few layers: < 300 tokens), so the only
 way to predict the copy better is to have stored the first occurrence in the neural memory.
 
-    /work/venv-tp/bin/python demo/train_demo.py --out demo/runs/kjv --minutes 60
+    /work/venv-tp/bin/python demo/train_demo.py --out demo/runs/kjv --steps 520 --minutes 70
 
 Writes <out>/config.json (MemoryAsContextTransformer kwargs), <out>/model.pt (state dict; rewritten at every
 validation so a cut-off run still leaves a usable model), <out>/log.txt, <out>/val.json.
@@ -31,7 +31,9 @@ CONFIG = dict(
     num_persist_mem_tokens=4,
     num_longterm_mem_tokens=4,
     neural_memory_layers=[2, 3],
-    neural_memory_kwargs=dict(dim_head=48, heads=4),
+    # forgetting starts near zero (sigmoid(-5) = 0.7% per 36-token chunk instead of 50%), so a passage stored now
+    # is still in the memory thousands of tokens later and the copy task below can teach the model to use it
+    neural_memory_kwargs=dict(dim_head=48, heads=4, init_decay_bias=-5.0),
     dim_head=48,
     heads=4,
     ff_mult=4,
@@ -72,18 +74,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "data"))
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "runs", "kjv"))
-    p.add_argument("--minutes", type=float, default=60.0)
+    p.add_argument("--steps", type=int, default=520, help="optimizer steps (the cosine schedule's length)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many steps (schedule of --steps)")
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this long (a usable checkpoint stays)")
     p.add_argument("--seq-len", type=int, default=768)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--p-copy", type=float, default=0.5)
+    p.add_argument("--p-copy", type=float, default=0.75)
     p.add_argument("--min-gap", type=int, default=320)
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--val-windows", type=int, default=24)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--init-from", default=None, help="start from this state dict (model.pt of an earlier run)")
+    p.add_argument("--fix-decay", type=float, default=None,
+                   help="pin every neural memory's forgetting to sigmoid(B) per chunk: to_decay_factor weight 0, "
+                        "bias B, not trained")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -102,8 +109,21 @@ def main():
     # write to; materialise them (what .cuda() does in upstream's train_mac.py)
     for prm in model.parameters():
         prm.data = prm.data.clone()
+    if args.init_from:
+        model.load_state_dict(torch.load(args.init_from), assign=True)
+        for prm in model.parameters():
+            prm.data = prm.data.clone()
+    if args.fix_decay is not None:
+        for name, mod in model.named_modules():
+            if name.endswith("to_decay_factor"):
+                lin = mod[0]
+                with torch.no_grad():
+                    lin.weight.zero_()
+                    lin.bias.fill_(args.fix_decay)
+                lin.weight.requires_grad_(False)
+                lin.bias.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.99), weight_decay=0.01)
     log = open(os.path.join(args.out, "log.txt"), "a")
 
     def say(msg):
@@ -112,11 +132,13 @@ def main():
         log.flush()
 
     say(f"args {vars(args)}  params {n_params}  config {CONFIG}")
-    t0, deadline = time.time(), time.time() + 60 * args.minutes
-    step, best = 0, float("inf")
-    # cosine schedule over the time budget (fraction of time elapsed), linear warmup in steps
-    while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
-        frac = (time.time() - t0) / (deadline - t0)
+    t0 = time.time()
+    deadline = t0 + 60 * args.minutes if args.minutes else float("inf")
+    step = 0
+    # linear warmup, then cosine decay to 10% over --steps
+    last = min(args.steps, args.stop_after or args.steps)
+    while step < last and time.time() < deadline:
+        frac = step / args.steps
         lr = args.lr * min(1.0, (step + 1) / args.warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr

@@ -296,3 +296,20 @@ def test_cli_ctrl_c_stops_cleanly(model_dir):
         proc.kill()
     assert proc.returncode == 130
     assert b"Traceback" not in err and b"interrupted" in err
+
+
+# ---- the bundled demo model ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (ROOT / "titans_mlx" / "demo_model" / "config.json").is_file(), reason="demo model not built")
+def test_bundled_demo_model_is_the_default(capsys):
+    from titans_mlx.generate import DEFAULT_MODEL
+    from titans_mlx.io import load
+
+    assert main(["--prompt", "And God said", "--max-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines[-3].startswith("Prompt: 12 tokens, ") and lines[-2].startswith("Generation: 12 tokens, ")
+    model, tok = load(DEFAULT_MODEL)
+    text = "".join(r.text for r in stream_generate(model, tok, "And God said", 12))
+    assert out.startswith("=" * 10 + "\n" + text + "\n" + "=" * 10 + "\n")

@@ -463,15 +463,15 @@ def _check_args(args):
         raise GenerationError(f"--save-state {args.save_state}: the file name must end in .safetensors")
 
 
-def _progress_bar(enabled: bool):
-    """prompt_progress_callback drawing a tqdm bar on stderr once the prompt needs more than one block."""
+def _progress_bar(enabled: bool, block: int):
+    """prompt_progress_callback drawing a tqdm bar on stderr when the prompt takes more than one block."""
     if not enabled:
         return None, lambda: None
     bar = None
 
     def callback(done, total):
         nonlocal bar
-        if bar is None and 0 < done < total:
+        if bar is None and total > block and 0 < done < total:
             from tqdm import tqdm
 
             bar = tqdm(total=total, unit="tok", desc="prefill", file=sys.stderr, leave=False, dynamic_ncols=True)
@@ -505,7 +505,7 @@ def main(argv=None) -> int:
     sampler = make_sampler(args.temp, args.top_p, args.min_p, args.min_tokens_to_keep, top_k=args.top_k)
     processors = make_logits_processors(repetition_penalty=args.repetition_penalty,
                                         repetition_context_size=args.repetition_context_size)
-    callback, close_bar = _progress_bar(args.verbose)
+    callback, close_bar = _progress_bar(args.verbose, args.prefill_step_size)
     if args.verbose:
         print("=" * 10, flush=True)
     last, interrupted = None, False

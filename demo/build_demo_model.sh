@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Rebuild the bundled demo model (titans_mlx/demo_model) as it was made: ~30 min of training on one CPU core.
+# Needs Debian's bible-kjv (the corpus), a python with titans-pytorch 0.5.5 + torch for training (TP_PYTHON), and one
+# with this package for conversion (PYTHON).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TP=${TP_PYTHON:-/work/venv-tp/bin/python}
+PY=${PYTHON:-python}
+
+command -v bible >/dev/null || apt-get install -y bible-kjv
+$PY demo/prepare_corpus.py --out demo/data
+$TP demo/train_demo.py --out demo/runs/kjv --steps 520 --minutes 70
+$PY -m convert --torch-path demo/runs/kjv/model.pt --config demo/runs/kjv/config.json \
+    --mlx-path titans_mlx/demo_model --dtype float16 --tokenizer bytes --force
+$TP demo/eval_memory.py --torch demo/runs/kjv --gaps 1024,4096 --trials 12 --ablation --out demo/runs/kjv/memory_eval.json
