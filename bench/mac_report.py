@@ -145,16 +145,20 @@ def plot(doc: dict, path: str) -> bool:
         any_ok = True
         xs = [d for d, _ in rs]
         st = dict(marker="o", label=NAMES[impl] + (" (cached decode)" if impl == "torch" else ""))
-        axes[0].plot(xs, [r["decode_tokens_per_s"] for _, r in rs], **st)
+        line, = axes[0].plot(xs, [r["decode_tokens_per_s"] for _, r in rs], **st)
+        cpu = dict(linestyle=":", color=line.get_color(), alpha=0.6, label="  same, per CPU-second")
+        axes[0].plot(xs, [r["decode_tokens_per_cpu_s"] for _, r in rs], **cpu)
         axes[1].plot(xs, [r["prefill_tokens_per_s"] for _, r in rs], **st)
-        axes[2].plot(xs, [r["memory"]["peak_rss_delta_bytes"] / 2**20 for _, r in rs], **st)
+        axes[1].plot(xs, [d / r["prefill_cpu_s"] for d, r in rs], **cpu)
+        axes[2].plot(xs, [r["memory"]["peak_rss_delta_bytes"] / 2**20 for _, r in rs], **dict(st, label=st["label"] + ": peak RSS"))
         if impl != "torch":
             axes[2].plot(xs, [r["mlx_peak_delta_bytes"] / 2**20 for _, r in rs], linestyle=":", marker=".",
                          color=axes[2].lines[-1].get_color(), label=f"{NAMES[impl]}: MLX peak allocation")
     if not any_ok:
         plt.close(fig)
         return False
-    titles = (f"decode tg{doc['config']['tg']} @ depth (tokens/s)", "prefill of the context (tokens/s)",
+    titles = (f"decode tg{doc['config']['tg']} @ depth (tokens/s; dotted: per CPU-second)",
+              "prefill of the context (tokens/s; dotted: per CPU-second)",
               "peak memory above baseline (MiB)")
     for i, (ax, title) in enumerate(zip(axes, titles)):
         ax.set_xscale("log", base=2)
