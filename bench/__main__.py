@@ -1,6 +1,8 @@
 """Benchmarks of titans_mlx against titans-pytorch, run from the repository root.
 
     python -m bench [memory] [--seq-lens 4096] [--chunk 64] [--blas stock|openblas|PATH] ...
+    python -m bench mac [--depths 1024,...,131072] [--impl mlx,torch,llama] [--blas openblas] ...
+                                                        # MAC prefill/decode/peak memory vs context (bench/mac.py)
     python -m bench report bench/results/NAME.json      # redo the .md/.png from a .json
     python -m bench env                                 # print the environment record
 

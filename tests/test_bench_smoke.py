@@ -40,6 +40,18 @@ def test_user_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--impl", "jax"], "--impl"),
+    (["--config", "/nonexistent/config.json"], "--config"),
+    (["--tg", "0"], "--tg"),
+])
+def test_mac_user_errors_are_one_line(tmp_path, args, message):
+    r = _bench("mac", "--depths", "16", "--out", str(tmp_path), *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.skipif(importlib.util.find_spec("titans_mlx.memory") is None, reason="titans_mlx.memory not there yet")
 def test_memory_smoke(tmp_path):
     impls = "torch,mlx" if importlib.util.find_spec("titans_pytorch") else "mlx"
