@@ -15,6 +15,7 @@ Streams are laid out as (b, n, s, d); torch keeps them as (b*s, n, d) with the s
 """
 
 import random
+from functools import partial
 from typing import Callable, Iterable
 
 import mlx.core as mx
@@ -42,12 +43,15 @@ class _RMSNorm(nn.Module):
         return (unit.astype(mx.float32) * self._scale).astype(x.dtype) * (self.gamma + 1)
 
 
-def _sinkhorn(logits: mx.array, iters: int = SINKHORN_ITERS) -> mx.array:
-    # logits (..., from, to); the max is taken over `from` (dim -2), then alternate L1 normalisation over -2 and -1
+@partial(mx.compile, shapeless=True)
+def _sinkhorn(logits: mx.array) -> mx.array:
+    # logits (..., from, to); the max is taken over `from` (dim -2), then alternate L1 normalisation over -2 and -1.
+    # Compiled: 20 iterations on 4x4 matrices are ~200 tiny ops, half of a decode step's op count uncompiled.
+    # The entries are exp(.) >= 0, so the L1 norm is the plain sum.
     a = mx.exp(logits - mx.max(logits, axis=-2, keepdims=True))
-    for _ in range(iters):
-        a = a / mx.maximum(mx.sum(mx.abs(a), axis=-2, keepdims=True), NORM_EPS)
-        a = a / mx.maximum(mx.sum(mx.abs(a), axis=-1, keepdims=True), NORM_EPS)
+    for _ in range(SINKHORN_ITERS):
+        a = a / mx.maximum(mx.sum(a, axis=-2, keepdims=True), NORM_EPS)
+        a = a / mx.maximum(mx.sum(a, axis=-1, keepdims=True), NORM_EPS)
     return a
 
 
