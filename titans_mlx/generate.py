@@ -169,7 +169,8 @@ def load_state(path, model: nn.Module, tokenizer=None) -> GenerationState:
 
 
 def _block_size(model: nn.Module, prefill_step_size: int) -> int:
-    # prefill blocks end on segment boundaries (= memory chunk boundaries of the MAC layout)
+    # prefill blocks end on segment boundaries: every block then holds whole memory chunks (a chunk is one segment
+    # plus its long-term tokens), except the last segment's long-term tokens, which open the next block
     seg = getattr(getattr(model, "args", None), "segment_len", None) or 1
     return max(seg, (prefill_step_size // seg) * seg)
 
