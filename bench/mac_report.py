@@ -121,7 +121,7 @@ def markdown(doc: dict) -> str:
           f"{env['os']}",
           "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "mlx", "mlx-lm", "torch", "titans-pytorch",
                                                              "numpy") if k in v),
-          f"- BLAS: " + "; ".join(sorted({f"{NAMES[r['impl']]}: {r['blas']['description']}" for r in doc["results"]
+          "- BLAS: " + "; ".join(sorted({f"{NAMES[r['impl']]}: {r['blas']['description']}" for r in doc["results"]
                                           if r.get("status") == "ok"})),
           f"- git commit {g.get('commit')}{' (dirty)' if g.get('dirty') else ''}; {env['timestamp_utc']}; load average "
           f"at start {env.get('loadavg')}",

@@ -15,15 +15,13 @@ cached one-token forwards as in its sample(use_cache=True), greedy).
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time
-import traceback
 
 from bench import env as E
 from bench.flops import matmul_flops
-from bench.worker import _median, _timeit
+from bench.worker import _median, _timeit, finish, serve
 
 
 def _clock():
@@ -155,7 +153,6 @@ def _run_torch(cfg, res, prompt, measure):
     model = _torch_model(cfg)
     res["weights"] = "titans-pytorch's (torch.manual_seed)"
     res["params"] = sum(p.numel() for p in model.parameters())
-    total = len(prompt) + cfg["tg"]
 
     @torch.no_grad()
     def run(tokens, tg):
@@ -251,31 +248,11 @@ def run_worker(cfg: dict) -> dict:
         mm_times, _ = _timeit(matmul(size), 1, 3)
         res["matmul"] = {"size": size, "dtype": "float32", "median_s": _median(mm_times),
                          "flops_per_s": matmul_flops(size) / _median(mm_times)}
-    libs = E.mapped_blas_libraries()
-    res["blas"] = {"mapped_libraries": libs,
-                   "description": E.describe_blas(libs, res["backend"].get("blas_info")),
-                   "openblas_config": E.openblas_config(libs or [])}
-    try:
-        res["loadavg_after"] = list(os.getloadavg())
-    except OSError:
-        pass
-    res["status"] = "ok"
-    return res
+    return finish(res, res["backend"].get("blas_info"))
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg_path, out_path = argv
-    with open(cfg_path) as f:
-        cfg = json.load(f)
-    try:
-        res = run_worker(cfg)
-    except Exception as e:
-        res = {"impl": cfg.get("impl"), "depth": cfg.get("depth"), "status": "error",
-               "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-    with open(out_path, "w") as f:
-        json.dump(res, f)
-    return 0 if res["status"] == "ok" else 1
+    return serve(run_worker, ("impl", "depth"), argv)
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ def summarize(data: str, top: int = 25) -> dict:
     for line in r.stdout.splitlines():
         m = _LINE.match(line)
         if m:
-            pct, dso, kind, sym = float(m.group(1)), m.group(2), m.group(3), m.group(4)
+            pct, dso, sym = float(m.group(1)), m.group(2), m.group(4)
             rows.append((pct, dso, sym))
     if not rows:
         return {"error": "perf recorded no samples: " + r.stderr.strip()[-200:]}

@@ -172,7 +172,7 @@ def _plot_sweep(doc, ok, path, plt) -> bool:
         line, = axes[0].plot(xs, [r["tokens_per_s"] for r in rs], **style)
         if all(r.get("median_cpu_s") for r in rs):  # per CPU-second: what a shared machine disturbs less
             axes[0].plot(xs, [r["batch"] * r["seq_len"] / r["median_cpu_s"] for r in rs], linestyle=":",
-                         color=line.get_color(), alpha=0.6, label=f"  same, tokens per CPU-second")
+                         color=line.get_color(), alpha=0.6, label="  same, tokens per CPU-second")
         axes[1].plot(xs, [(r["memory"]["peak_rss_delta_bytes"] or 0) / 2**20 for r in rs], **style)
     skipped = sorted({(r["seq_len"], r["chunk"]) for r in doc["results"] if r.get("status") == "skipped"})
     for ax, title in zip(axes, ("tokens/s (median run, wall clock; dotted: per CPU-second)",

@@ -250,9 +250,14 @@ def run_worker(cfg: dict) -> dict:
                          "flops_per_s": matmul_flops(size) / mm_med}
         res["efficiency"] = res["achieved_flops_per_s"] / res["matmul"]["flops_per_s"]
 
+    return finish(res, backend.get("blas_info"))
+
+
+def finish(res: dict, torch_blas_info: str | None) -> dict:
+    """Close a successful run's record: the BLAS this process actually mapped, and the load it ended under."""
     libs = E.mapped_blas_libraries()
     res["blas"] = {"mapped_libraries": libs,
-                   "description": E.describe_blas(libs, backend.get("blas_info")),
+                   "description": E.describe_blas(libs, torch_blas_info),
                    "openblas_config": E.openblas_config(libs or [])}
     try:
         res["loadavg_after"] = list(os.getloadavg())
@@ -262,19 +267,23 @@ def run_worker(cfg: dict) -> dict:
     return res
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    cfg_path, out_path = argv
+def serve(run, id_keys, argv=None) -> int:
+    """A worker process: `CONFIG.json OUT.json` -> run(config) -> OUT.json; a failure is recorded, not raised."""
+    cfg_path, out_path = sys.argv[1:] if argv is None else argv
     with open(cfg_path) as f:
         cfg = json.load(f)
     try:
-        res = run_worker(cfg)
+        res = run(cfg)
     except Exception as e:
-        res = {"impl": cfg.get("impl"), "seq_len": cfg.get("seq_len"), "chunk": cfg.get("chunk"),
-               "status": "error", "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        res = {**{k: cfg.get(k) for k in id_keys}, "status": "error", "error": f"{type(e).__name__}: {e}",
+               "traceback": traceback.format_exc()}
     with open(out_path, "w") as f:
         json.dump(res, f, indent=1)
     return 0 if res["status"] == "ok" else 1
+
+
+def main(argv=None):
+    return serve(run_worker, ("impl", "seq_len", "chunk"), argv)
 
 
 if __name__ == "__main__":

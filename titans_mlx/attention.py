@@ -8,7 +8,6 @@ split of a sequence into calls gives the one-call result.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import mlx.core as mx

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Optional
 
-import mlx.core as mx
-
 from .attention import AttentionCache
 
 

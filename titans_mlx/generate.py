@@ -23,7 +23,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Generator, List, Optional, Sequence, Union
+from typing import Callable, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
