@@ -20,8 +20,10 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Generator, List, Optional, Sequence, Union
 
@@ -486,6 +488,28 @@ def _progress_bar(enabled: bool, block: int):
     return callback, close
 
 
+@contextmanager
+def _ctrl_c():
+    """Ctrl-C sets a flag, checked after each token and prefill block, instead of raising KeyboardInterrupt wherever
+    the main thread happens to be (one raised inside a finaliser or a callback from MLX can be lost, and generation
+    would run on); a second Ctrl-C raises KeyboardInterrupt at once."""
+    pressed = []
+
+    def handler(signum, frame):
+        pressed.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: keep Python's default
+        yield pressed
+        return
+    try:
+        yield pressed
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def main(argv=None) -> int:
     args = setup_arg_parser().parse_args(argv)
     try:
@@ -510,18 +534,29 @@ def main(argv=None) -> int:
     if args.verbose:
         print("=" * 10, flush=True)
     last, interrupted = None, False
-    try:
-        for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=sampler,
-                                    logits_processors=processors, state=state,
-                                    prefill_step_size=args.prefill_step_size, prompt_progress_callback=callback):
+    with _ctrl_c() as pressed:
+
+        def progress(done, total):
+            if pressed:
+                raise KeyboardInterrupt
+            if callback is not None:
+                callback(done, total)
+
+        try:
+            for last in stream_generate(model, tokenizer, prompt, args.max_tokens, sampler=sampler,
+                                        logits_processors=processors, state=state,
+                                        prefill_step_size=args.prefill_step_size, prompt_progress_callback=progress):
+                close_bar()
+                print(last.text, end="", flush=True)
+                if pressed:
+                    break
+        except KeyboardInterrupt:
+            interrupted = True
+        except GenerationError as e:
             close_bar()
-            print(last.text, end="", flush=True)
-    except KeyboardInterrupt:
-        interrupted = True
-    except GenerationError as e:
-        close_bar()
-        print(f"\nerror: {e}", file=sys.stderr)
-        return 1
+            print(f"\nerror: {e}", file=sys.stderr)
+            return 1
+        interrupted = interrupted or bool(pressed)
     close_bar()
     if interrupted:
         print(flush=True)
