@@ -160,7 +160,7 @@ def main():
     src.add_argument("--mlx", help="converted model directory")
     p.add_argument("--val", default=os.path.join(os.path.dirname(__file__), "data", "val.txt"))
     p.add_argument("--gaps", default="1024,2048,4096")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int, default=12)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")

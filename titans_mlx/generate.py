@@ -499,15 +499,17 @@ def _ctrl_c():
         pressed.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+    previous = signal.getsignal(signal.SIGINT)
     try:
-        previous = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: keep Python's default
-        yield pressed
-        return
+        signal.signal(signal.SIGINT, handler)
+        installed = True
+    except ValueError:  # not the main thread: Python's default stays
+        installed = False
     try:
         yield pressed
     finally:
-        signal.signal(signal.SIGINT, previous)
+        if installed and previous is not None:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGINT, previous)
 
 
 def main(argv=None) -> int:
