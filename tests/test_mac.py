@@ -16,7 +16,7 @@ HAS_MEMORY = importlib.util.find_spec("titans_mlx.memory") is not None
 HAS_HYPER = importlib.util.find_spec("titans_mlx.hyper_connections") is not None
 
 CASES = ["block_s1", "sliding_s1", "block_s1_mem", "block_s4_mem", "sliding_s4_gate", "block_s4_wres_views",
-         "sliding_s1_ttt_heads", "train_mac_small", "legacy_hc"]
+         "sliding_s1_ttt_heads", "train_mac_small", "demo_small", "legacy_hc"]
 
 
 def needs(config):
