@@ -33,13 +33,10 @@ DIGITS = np.arange(ord("0"), ord("9") + 1)
 def torch_backend(run_dir, threads, memory_learning=True):
     import torch
 
-    from train_demo import build
+    from train_demo import load_run
 
     torch.set_num_threads(threads)
-    with open(os.path.join(run_dir, "config.json")) as f:
-        model = build(json.load(f))
-    model.load_state_dict(torch.load(os.path.join(run_dir, "model.pt")), assign=True)
-    model.eval()
+    model, _ = load_run(run_dir)
     if not memory_learning:  # test-time learning off: every memory keeps its learned initial weights
         for name, mod in model.named_modules():
             if name.endswith("to_adaptive_step"):

@@ -17,14 +17,14 @@ the steps the trained model itself chose for the number's tokens and for the res
 """
 
 import argparse
-import json
 import os
 import random
 
 import numpy as np
 import torch
 
-from train_demo import build
+from eval_memory import DIGITS, NUMBER_LEN, with_number
+from train_demo import load_run
 
 CHUNK = 36  # the memory's chunk: segment 32 + 4 long-term tokens
 FORGET = 0.0067  # sigmoid(-5), the decay the demo model starts from
@@ -77,12 +77,8 @@ def main():
     p.add_argument("--selective", default="0.5,0.005", help="step of the number's tokens, step of all others")
     args = p.parse_args()
     torch.set_num_threads(1)
-    with open(os.path.join(args.torch, "config.json")) as f:
-        config = json.load(f)
-    model = build(config)
+    model, config = load_run(args.torch)
     max_lr = config["neural_memory_kwargs"]["default_step_transform_max_lr"]
-    model.load_state_dict(torch.load(os.path.join(args.torch, "model.pt")), assign=True)
-    model.eval()
     val = open(args.val, "rb").read()
     hi, lo = map(float, args.selective.split(","))
 
@@ -91,18 +87,16 @@ def main():
         leans, learned = {}, {}
         for _ in range(args.trials):
             a, c = rng.randrange(0, len(val) - 96), rng.randrange(0, len(val) - gap - 80)
-            at = rng.randrange(8, 96 - 6 - 8)
-            number = [48 + rng.randrange(10) for _ in range(6)]
-            other = [48 + (x - 48 + rng.randrange(1, 10)) % 10 for x in number]
-            passage = lambda n: list(val[a : a + at - 1]) + [32] + n + [32] + list(val[a + at + 7 : a + 96])
+            P, at = with_number(list(val[a : a + 96]), rng)
+            other = [int(DIGITS[(d - DIGITS[0] + rng.randrange(1, 10)) % 10]) for d in P[at : at + NUMBER_LEN]]
+            P_other = P[:at] + other + P[at + NUMBER_LEN :]
             filler, tail = list(val[c : c + gap]), list(val[c + gap : c + gap + 80])
-            seq = passage(number) + filler + passage(number) + tail
-            runs = capture(model, seq), capture(model, passage(other) + filler + passage(number) + tail)
-            keys_of_number = range(at - 1, at + 5)  # the space before it and digits 1-5: their next bytes are digits
-            selective = np.full(stream_index(len(seq)) + CHUNK, lo)
-            selective[[stream_index(i) for i in keys_of_number]] = hi
-            number_at = np.zeros(len(selective), bool)
+            seq = P + filler + P + tail
+            runs = capture(model, seq), capture(model, P_other + filler + P + tail)
+            keys_of_number = range(at - 1, at + NUMBER_LEN - 1)  # the space before it, digits 1-5: digits come next
+            number_at = np.zeros(stream_index(len(seq)) + CHUNK, bool)
             number_at[[stream_index(i) for i in keys_of_number]] = True
+            selective = np.where(number_at, hi, lo)
             for li, ((k, v, s), (kc, vc, _)) in enumerate(zip(*runs)):
                 step = max_lr / (1 + np.exp(-s))  # the model's own step for each token (sigmoid * max lr)
                 learned.setdefault(li, []).append((step[number_at[: len(step)]], step[~number_at[: len(step)]]))

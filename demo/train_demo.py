@@ -112,6 +112,15 @@ def build(config):
     return MemoryAsContextTransformer(**kw)
 
 
+def load_run(run_dir):
+    """A training run's model (its config.json and model.pt) in eval mode, and its config."""
+    with open(os.path.join(run_dir, "config.json")) as f:
+        config = json.load(f)
+    model = build(config)
+    model.load_state_dict(torch.load(os.path.join(run_dir, "model.pt")), assign=True)
+    return model.eval(), config
+
+
 def tie_queries_to_keys(model):
     """Each memory reads with its store's projection and norms: a context seen again then reads back what followed it
     the first time. Left independent (even starting equal), training drifts them apart (cosine 0.5-0.6 between a
