@@ -32,6 +32,7 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         exponent = mx.arange(0, dim, 2).astype(mx.float32) / dim
         self.freqs = 1.0 / mx.power(mx.array(theta, dtype=mx.float32), exponent)
+        self.freeze(keys=["freqs"])  # saved with the checkpoint, never trained (requires_grad=False in torch)
 
     def __call__(self, x: mx.array, start: int) -> mx.array:
         # x (..., n, dh) at positions start .. start + n - 1; same float32 angles as rotary-embedding-torch

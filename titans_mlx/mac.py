@@ -147,6 +147,9 @@ class MACLayer(nn.Module):
         super().__init__()
         streams = args.num_residual_streams
         self.has_memory = has_memory
+        self.gate_attn_output = args.neural_mem_gate_attn_output
+        self.collect_views = args.neural_memory_qkv_receives_diff_views
+        self.chain_weights = args.neural_mem_weight_residual
         self.attn = SegmentedAttention(
             args.dim, args.segment_len, args.num_persist_mem_tokens, args.num_longterm_mem_tokens,
             args.dim_head, args.heads, args.sliding_window_attn, accept_value_residual=layer > 1,
@@ -182,6 +185,54 @@ class MACLayer(nn.Module):
     def _hc(self, name):
         return self[name] if name in self else _PlainResidual()
 
+    def __call__(self, x, start: int, cache=None, value_residual=None, prev_weights=None, views: list = ()):
+        """One layer on x (b, L, d) or streams (b, L, s, d) at positions start..start+L-1.
+
+        value_residual: the first layer's attention values (None in the first layer); prev_weights: the previous
+        memory layer's weights per chunk (weight residual); views: every earlier layer's attn in/out and ff in/out
+        (qkv views). Returns (x, this layer's attention values, this memory's weights per chunk or prev_weights,
+        views extended by this layer's). Arguments are arrays or lists of them, so mx.checkpoint can wrap a layer.
+        """
+        gates = None
+        if self.has_memory:
+            mem_in, add_mem = self._hc("mem_hyper_conn")(x)
+            if "mem_qkv_selector" in self:
+                qkv = self.mem_qkv_selector(mem_in, [mem_in, *views])
+            else:
+                qkv = mx.stack([mem_in, mem_in, mem_in])
+            state = cache.memory_state if cache is not None else None
+            if self.chain_weights:  # the next memory layer mixes these weights into its own (weight residual)
+                retrieved, state, prev_weights = self.mem(qkv, state, prev_weights, return_updates=True)
+            else:
+                retrieved, state = self.mem(qkv, state)
+            if cache is not None:
+                cache.memory_state = state
+            if self.gate_attn_output:
+                gates = mx.sigmoid(retrieved)
+            else:
+                x = add_mem(retrieved)
+
+        attn_in, add_attn = self._hc("attn_hyper_conn")(x)
+        attn_out, values = self.attn(attn_in, start, value_residual, cache.attention if cache is not None else None,
+                                     gates)
+        x = add_attn(attn_out)
+        ff_in, add_ff = self._hc("ff_hyper_conn")(x)
+        ff_out = self.ff(ff_in)
+        x = add_ff(ff_out)
+        if self.collect_views:
+            views = [*views, attn_in, attn_out, ff_in, ff_out]
+        return x, values, prev_weights, views
+
+
+def _checkpointed(layer: nn.Module):
+    """layer, recomputed in the backward pass (mx.checkpoint); its parameters go in explicitly so they get gradients."""
+
+    def run(params, *args):
+        layer.update(params)
+        return layer(*args)
+
+    return lambda *args: mx.checkpoint(run)(layer.trainable_parameters(), *args)
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -204,6 +255,8 @@ class Model(nn.Module):
         ]
         self.norm = RMSNorm(args.dim)
         self.to_logits = nn.Linear(args.dim, args.num_tokens, bias=False)
+        # a setting, not state: recompute each layer in the backward pass instead of keeping its activations
+        self.checkpoint_layers = False
 
     # ---- positions -------------------------------------------------------------------------------------------------
 
@@ -251,42 +304,14 @@ class Model(nn.Module):
         if streams > 1:
             x = x[:, :, None, :] + self.stream_embed.astype(x.dtype)
 
-        value_residual = None
-        prev_weights = None
-        mem_inputs = []  # attn in/out and ff in/out of every layer, for the qkv view selector
+        value_residual, prev_weights, views = None, None, []
         for i, layer in enumerate(self.layers):
-            c = cache[i] if cache is not None else None
-            gates = None
-            if layer.has_memory:
-                mem_in, add_mem = layer._hc("mem_hyper_conn")(x)
-                if "mem_qkv_selector" in layer:
-                    qkv = layer.mem_qkv_selector(mem_in, [mem_in, *mem_inputs])
-                else:
-                    qkv = mx.stack([mem_in, mem_in, mem_in])
-                state = c.memory_state if c is not None else None
-                if self.args.neural_mem_weight_residual:
-                    retrieved, state, updates = layer.mem(qkv, state, prev_weights, return_updates=True)
-                    prev_weights = updates
-                else:
-                    retrieved, state = layer.mem(qkv, state)
-                if c is not None:
-                    c.memory_state = state
-                if self.args.neural_mem_gate_attn_output:
-                    gates = mx.sigmoid(retrieved)
-                else:
-                    x = add_mem(retrieved)
-
-            attn_in, add_attn = layer._hc("attn_hyper_conn")(x)
-            attn_out, values = layer.attn(attn_in, start, value_residual, c.attention if c is not None else None, gates)
-            if value_residual is None:
-                value_residual = values
-            x = add_attn(attn_out)
-
-            ff_in, add_ff = layer._hc("ff_hyper_conn")(x)
-            ff_out = layer.ff(ff_in)
-            x = add_ff(ff_out)
-            if self.args.neural_memory_qkv_receives_diff_views:
-                mem_inputs += [attn_in, attn_out, ff_in, ff_out]
+            run = layer
+            if self.checkpoint_layers and cache is None:
+                run = _checkpointed(layer)
+            x, values, prev_weights, views = run(x, start, cache[i] if cache is not None else None, value_residual,
+                                                 prev_weights, views)
+            value_residual = values if value_residual is None else value_residual
 
         if streams > 1:
             x = x.sum(axis=2)

@@ -173,9 +173,6 @@ class NeuralMemory(nn.Module):
         self.batch_size = batch_size
         self.heads, self.dim_head, self.dim = heads, dim_head, dim
         self.per_head_learned_parameters = per_head_learned_parameters
-        # evaluate between processing blocks so long inputs never hold more than one block's graph; set False to
-        # differentiate through the memory over inputs longer than one block
-        self.eval_per_block = True
         self.structure = Structure(
             dim=dim, heads=heads, dim_head=dim_head, chunk_size=store_chunk, num_kv_per_token=num_kv_per_token,
             model=model, views=qkv_receives_diff_views, pre_rmsnorm=pre_rmsnorm, qk_rmsnorm=qk_rmsnorm,
@@ -319,6 +316,11 @@ class NeuralMemory(nn.Module):
         k = max(1, min(MAX_BLOCK_CHUNKS, BLOCK_BYTES // per_chunk))
         return 1 << (k.bit_length() - 1)
 
+    def block_tokens(self, batch: int = 1) -> int:
+        """Tokens per processing block. The forward never evaluates: a caller that wants bounded memory on a long
+        input feeds it in pieces of this size with ``state`` and evaluates between them."""
+        return self._block_chunks(batch) * self.chunk_size
+
     def _blocks(self, first_chunk, n_chunks, ttt, batch):
         """(first chunk, chunk count, ends a TTT mini-batch) of each processing block; blocks never cross a
         mini-batch boundary, since the gradient point changes there."""
@@ -400,8 +402,6 @@ class NeuralMemory(nn.Module):
                 lrs.append(lr[:, :kc])
             if ends_batch:  # the next mini-batch takes its gradients at the latest weights
                 grad_point = list(last_update)
-            if self.eval_per_block and c0 + kc < n_chunks:  # more blocks follow: don't hold this one's graph
-                mx.eval(outputs[-1], last_update, momentum, grad_point)
 
         y = mx.concatenate(outputs, axis=1)[:, :m] if outputs else mx.zeros((batch, 0, self.dim), x.dtype)
         new_state = MemoryState(state.seq_index + n_chunks * C, grad_point, last_update, momentum,

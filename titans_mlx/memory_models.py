@@ -37,6 +37,7 @@ def _erf(y):
     return y * p / q
 
 
+@mx.custom_function
 def _exp(x):
     """exp(x) for x <= 0 in float32 (Cody-Waite reduction, degree-7 polynomial; relative error < 3e-7)."""
     x = mx.maximum(x, -87.0)
@@ -48,20 +49,51 @@ def _exp(x):
     return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)  # * 2^n
 
 
+# The bit-level 2^n above has no derivative in MLX (a View), and the rational erf's own derivative is only an
+# approximation of the true one; so each function carries its exact derivative. Outer gradients through the
+# memory's closed-form backward differentiate gelu_grad too, hence the second derivative.
+@_exp.vjp
+def _exp_vjp(x, cotangent, output):
+    return cotangent * output
+
+
+_SQRT_HALF, _INV_SQRT_2PI = math.sqrt(0.5), 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@mx.custom_function
+def _gelu32(x):
+    return 0.5 * x * (1.0 + _erf(x * _SQRT_HALF))
+
+
+@mx.custom_function
+def _gelu_grad32(z):
+    # Phi(z) + z * phi(z)
+    return 0.5 * (1.0 + _erf(z * _SQRT_HALF)) + z * _exp(-0.5 * z * z) * _INV_SQRT_2PI
+
+
+@_gelu32.vjp
+def _gelu32_vjp(x, cotangent, output):
+    return cotangent * _gelu_grad32(x)
+
+
+@_gelu_grad32.vjp
+def _gelu_grad32_vjp(z, cotangent, output):
+    # d/dz (Phi + z phi) = 2 phi - z^2 phi
+    return cotangent * (_exp(-0.5 * z * z) * _INV_SQRT_2PI) * (2.0 - z * z)
+
+
 def gelu(x: mx.array) -> mx.array:
     """Exact-erf GELU, as torch's F.gelu."""
     if x.dtype == mx.float64:
         return nn.gelu(x)
-    return (0.5 * x * (1.0 + _erf(x.astype(mx.float32) * math.sqrt(0.5)))).astype(x.dtype)
+    return _gelu32(x.astype(mx.float32)).astype(x.dtype)
 
 
 def gelu_grad(z: mx.array) -> mx.array:
     """d/dz GELU(z) = Phi(z) + z * phi(z)."""
     if z.dtype == mx.float64:
-        return 0.5 * (1.0 + mx.erf(z * math.sqrt(0.5))) + z * mx.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
-    z32 = z.astype(mx.float32)
-    cdf = 0.5 * (1.0 + _erf(z32 * math.sqrt(0.5)))
-    return (cdf + z32 * _exp(-0.5 * z32 * z32) * (1.0 / math.sqrt(2.0 * math.pi))).astype(z.dtype)
+        return 0.5 * (1.0 + mx.erf(z * _SQRT_HALF)) + z * mx.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return _gelu_grad32(z.astype(mx.float32)).astype(z.dtype)
 
 
 def _gamma(g: mx.array) -> mx.array:
