@@ -14,6 +14,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
+def wide(dtype: mx.Dtype) -> mx.Dtype:
+    """The dtype sensitive steps compute in: float32 for half precision and float32, float64 for float64."""
+    return mx.float64 if dtype == mx.float64 else mx.float32
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight with torch's nn.RMSNorm(eps=None) epsilon: finfo(x.dtype).eps."""
 
@@ -40,7 +45,7 @@ class RotaryEmbedding(nn.Module):
         pos = mx.arange(start, start + n, dtype=mx.float32)
         angles = pos[:, None] * self.freqs.astype(mx.float32)[None, :]
         cos, sin = mx.cos(angles), mx.sin(angles)
-        xf = x.astype(mx.float32)
+        xf = x.astype(wide(x.dtype))
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = mx.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
         return out.reshape(x.shape).astype(x.dtype)
@@ -182,8 +187,9 @@ class SegmentedAttention(nn.Module):
         return mx.concatenate([pk, k], axis=2), mx.concatenate([pv, v], axis=2)
 
     def _sdpa(self, q, k, v, mask):
+        dtype = wide(q.dtype)
         out = mx.fast.scaled_dot_product_attention(
-            q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), scale=self.scale, mask=mask
+            q.astype(dtype), k.astype(dtype), v.astype(dtype), scale=self.scale, mask=mask
         )
         return out.astype(q.dtype)
 

@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .attention import RMSNorm, SegmentedAttention
+from .attention import RMSNorm, SegmentedAttention, wide
 from .cache import MACLayerCache
 
 
@@ -322,7 +322,7 @@ class Model(nn.Module):
     def loss(self, ids: mx.array) -> mx.array:
         """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True)."""
         logits = self(ids[:, :-1])
-        return nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="mean")
+        return nn.losses.cross_entropy(logits.astype(wide(logits.dtype)), ids[:, 1:], reduction="mean")
 
     def _tokens_before(self, position: int) -> int:
         # positions already processed always end on a token, never inside a run of long-term tokens

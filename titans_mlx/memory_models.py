@@ -82,6 +82,12 @@ def _gelu_grad32_vjp(z, cotangent, output):
     return cotangent * (_exp(-0.5 * z * z) * _INV_SQRT_2PI) * (2.0 - z * z)
 
 
+# elementwise, so a batched call is the call itself; without these rules vmap would trace through the plain ops
+# and lose the derivatives above (the gradients of non-MLP memory models are vmapped)
+for _f in (_exp, _gelu32, _gelu_grad32):
+    _f.vmap(lambda x, axis, f=_f: (f(x), axis))
+
+
 def gelu(x: mx.array) -> mx.array:
     """Exact-erf GELU, as torch's F.gelu."""
     if x.dtype == mx.float64:
