@@ -233,13 +233,14 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
             combine = mx.softmax(combine, axis=0, precise=True)
 
     # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S; each new U serves
-    # the next window of C queries. (Reading chunk by chunk, not stacking K weight copies, is faster and lighter.)
-    rx, queries = _queries(s, p, retrieve_x)
-    queries = queries.reshape(b * H, K, C, dh)
-    U, S = list(last_update), list(momentum) if s.momentum else None
-    reads, updates = [], []
-    for k in range(K):
-        for i, g in enumerate(grads):
+    # the next window of C queries. The momentum never depends on U, so every chunk's update is known first and
+    # Newton-Schulz (spectral norm) runs once on all K of them, batched: a few large matmuls instead of K rounds
+    # of small ones. (Reading chunk by chunk, not stacking K weight copies, is faster and lighter.)
+    S = list(momentum) if s.momentum else None
+    deltas = []
+    for i, g in enumerate(grads):
+        per_chunk_delta = []
+        for k in range(K):
             surprise = -g[:, k]
             delta = surprise
             if s.momentum:
@@ -253,9 +254,20 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
                 else:
                     delta = orders[-1]
                 S[i] = mx.where(valid[k], mx.stack(orders), S[i])
-            if s.spectral_norm:
-                delta = _newton_schulz5(delta)
-            new = mx.where(valid[k], _expand(1.0 - decay[:, k], U[i].ndim) * U[i] + delta, U[i])
+            per_chunk_delta.append(delta)
+        if s.spectral_norm:
+            stacked = mx.stack(per_chunk_delta, axis=1)  # (BH, K, *shape) -> one batch of BH*K matrices
+            stacked = _newton_schulz5(stacked.reshape(-1, *stacked.shape[2:])).reshape(stacked.shape)
+            per_chunk_delta = [stacked[:, k] for k in range(K)]
+        deltas.append(per_chunk_delta)
+
+    rx, queries = _queries(s, p, retrieve_x)
+    queries = queries.reshape(b * H, K, C, dh)
+    U = list(last_update)
+    reads, updates = [], []
+    for k in range(K):
+        for i in range(len(U)):
+            new = mx.where(valid[k], _expand(1.0 - decay[:, k], U[i].ndim) * U[i] + deltas[i][k], U[i])
             if s.gated_transition:  # at a mini-batch boundary ease from the gradient point to the new weights
                 W = grad_point[i]
                 new = mx.where(boundary[k], W + hp["transition_gate"] * (new - W), new)
