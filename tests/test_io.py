@@ -119,3 +119,15 @@ def test_bad_directories(tmp_path, tiny_type):
     (tmp_path / "config.json").write_text(json.dumps(tiny_type))
     with pytest.raises(ValueError, match="no model.*safetensors"):
         tio.load(tmp_path)
+
+
+def test_save_refuses_float64_weights_with_one_line(tmp_path):
+    from titans_mlx.mac import Model, ModelArgs
+
+    config = dict(num_tokens=16, dim=16, depth=1, segment_len=4, dim_head=8, heads=2, num_residual_streams=1,
+                  neural_memory_layers=[], model_type="titans_mac")
+    model = Model(ModelArgs.from_dict(config))
+    model.set_dtype(mx.float64)
+    with pytest.raises(ValueError, match="float64"):
+        tio.save_model(tmp_path / "m", model, config)
+    assert not (tmp_path / "m").exists()

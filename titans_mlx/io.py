@@ -182,6 +182,7 @@ def save_model(
 
     Raises:
         FileExistsError: `path` exists and `overwrite` is False, or it is not a model directory.
+        ValueError: a float64 weight (safetensors files from MLX hold at most 32-bit floats).
     """
     path = Path(path)
     if path.exists() or path.is_symlink():
@@ -191,6 +192,10 @@ def save_model(
             raise FileExistsError(f"{path} exists and is not a model directory; refusing to replace it")
     full = _jsonable(complete_config(config))
     weights = dict(tree_flatten(model.parameters()))
+    wide = sorted(k for k, v in weights.items() if v.dtype == mx.float64)
+    if wide:  # MLX's safetensors writer has no float64
+        raise ValueError(f"weight {wide[0]} is float64, which a model directory cannot hold; cast the model first "
+                         "(model.set_dtype(mx.float32))")
     parent = path.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=parent))
