@@ -73,6 +73,18 @@ def _project(s: Structure, p, x, name):
     return s.activation(y) if s.activation is not None else y
 
 
+@mx.custom_function
+def _unstack(x):
+    """x[:, 0], x[:, 1], ...: the chunks of a (BH, K, ...) array. Its vjp stacks the chunks' cotangents once; the
+    vjp of K separate slices would build K zero-filled arrays of the whole size and add them."""
+    return tuple(x[:, k] for k in range(x.shape[1]))
+
+
+@_unstack.vjp
+def _unstack_vjp(x, cotangents, outputs):
+    return mx.stack(list(cotangents), axis=1)
+
+
 def _expand(a, ndim):
     """Append singleton axes so a (BH, ...) gate broadcasts over a parameter's own axes."""
     return a.reshape(a.shape + (1,) * (ndim - a.ndim))
@@ -240,8 +252,9 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
     deltas = []
     for i, g in enumerate(grads):
         per_chunk_delta = []
+        chunk_grads_i = _unstack(g)
         for k in range(K):
-            surprise = -g[:, k]
+            surprise = -chunk_grads_i[k]
             delta = surprise
             if s.momentum:
                 orders, x = [], surprise
@@ -258,11 +271,11 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
         if s.spectral_norm:
             stacked = mx.stack(per_chunk_delta, axis=1)  # (BH, K, *shape) -> one batch of BH*K matrices
             stacked = _newton_schulz5(stacked.reshape(-1, *stacked.shape[2:])).reshape(stacked.shape)
-            per_chunk_delta = [stacked[:, k] for k in range(K)]
+            per_chunk_delta = list(_unstack(stacked))
         deltas.append(per_chunk_delta)
 
     rx, queries = _queries(s, p, retrieve_x)
-    queries = queries.reshape(b * H, K, C, dh)
+    chunk_queries = _unstack(queries.reshape(b * H, K, C, dh))
     U = list(last_update)
     reads, updates = [], []
     for k in range(K):
@@ -272,7 +285,7 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
                 W = grad_point[i]
                 new = mx.where(boundary[k], W + hp["transition_gate"] * (new - W), new)
             U[i] = new
-        reads.append(s.model(U, queries[:, k]))
+        reads.append(s.model(U, chunk_queries[k]))
         if want_updates:
             updates.append(list(U))
     retrieved = _read_out(s, p, mx.stack(reads, axis=1).reshape(b * H, K * C, dh), rx)
