@@ -3,6 +3,8 @@
     python -m bench [memory] [--seq-lens 4096] [--chunk 64] [--blas stock|openblas|PATH] ...
     python -m bench mac [--depths 1024,...,131072] [--impl mlx,torch,llama] [--blas openblas] ...
                                                         # MAC prefill/decode/peak memory vs context (bench/mac.py)
+    python -m bench train [--configs small,train_mac,chunk16] [--seq-len 512] [--batch 1] [--blas openblas] ...
+                                                        # MAC training step tokens/s and memory (bench/train.py)
     python -m bench report bench/results/NAME.json      # redo the .md/.png from a .json
     python -m bench env                                 # print the environment record
 
@@ -86,6 +88,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 
     from bench.mac import add_parser as _add_mac
     _add_mac(sub, _int_list)
+    from bench.train import add_parser as _add_train
+    _add_train(sub, _int_list)
 
     r = sub.add_parser("report", help="rewrite the .md (and .png) next to benchmark JSON files")
     r.add_argument("json", nargs="+")
@@ -272,6 +276,9 @@ def main(argv=None) -> int:
         if args.cmd == "mac":
             from bench.mac import run_mac
             return run_mac(args, argv, sys.modules[__name__])
+        if args.cmd == "train":
+            from bench.train import run_train
+            return run_train(args, argv, sys.modules[__name__])
         if args.cmd == "report":
             for path in args.json:
                 try:
@@ -283,6 +290,10 @@ def main(argv=None) -> int:
                     from bench.mac_report import markdown as mmd, plot as mplot, summary
                     doc["summary"] = summary(doc)
                     outs = write_outputs(doc, Path(path).with_suffix(""), True, mmd, mplot)
+                elif doc.get("benchmark") == "training_step":
+                    from bench.train_report import markdown as tmd, plot as tplot, summary as tsummary
+                    doc["summary"] = tsummary(doc)
+                    outs = write_outputs(doc, Path(path).with_suffix(""), True, tmd, tplot)
                 else:
                     doc["comparisons"] = comparisons(doc["results"])
                     outs = write_outputs(doc, Path(path).with_suffix(""))

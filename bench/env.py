@@ -260,3 +260,43 @@ def peak_rss_bytes() -> int:
         return v
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(r) if sys.platform == "darwin" else int(r) * 1024  # bytes on macOS, KiB on Linux
+
+
+def environment_lines(doc: dict, names: dict) -> list[str]:
+    """The 'Environment:' section of a report: machine, versions and BLAS the workers recorded, git, command."""
+    env, v = doc["environment"], {}
+    for r in doc["results"]:
+        v.update(r.get("versions") or {})
+    blas = sorted({f"{names[r['impl']]}: {r['blas']['description']}"
+                   + (f" [{r['blas']['openblas_config']}]" if r["blas"].get("openblas_config") else "")
+                   for r in doc["results"] if r.get("status") == "ok"})
+    g = env.get("git", {})
+    return ["", "Environment:", "",
+            f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), {(env.get('memory_total_bytes') or 0) / 1e9:.1f} GB "
+            f"RAM; {env['os']}",
+            "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "mlx", "mlx-lm", "torch", "titans-pytorch",
+                                                               "numpy") if k in v),
+            "- BLAS: " + "; ".join(blas),
+            f"- git commit {g.get('commit')}{' (dirty)' if g.get('dirty') else ''}; {env['timestamp_utc']}; load "
+            f"average at start {env.get('loadavg')}",
+            f"- command: `{env['command']}`", ""]
+
+
+def run_worker(module: str, python: str, cfg: dict, tmp: str, env: dict, timeout: float) -> tuple[dict | None, str]:
+    """Run ``python -m module cfg.json res.json`` from the repository root: (its result, or None and why not)."""
+    import json
+
+    cfg_path, res_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "res.json")
+    if os.path.exists(res_path):
+        os.remove(res_path)
+    with open(cfg_path, "w") as f:
+        json.dump(cfg, f)
+    try:
+        proc = subprocess.run([python, "-m", module, cfg_path, res_path], env=env, cwd=str(ROOT),
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc = None
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            return json.load(f), ""
+    return None, "worker timed out" if proc is None else f"worker exited {proc.returncode}: {proc.stderr.strip()[-300:]}"

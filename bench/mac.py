@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -133,20 +132,7 @@ def run_mac(args, argv, main) -> int:
 
 
 def _spawn(args, main, tmp, cfg, impl, extra_env) -> dict:
-    cfg_path, res_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "res.json")
-    if os.path.exists(res_path):
-        os.remove(res_path)
-    with open(cfg_path, "w") as f:
-        json.dump(cfg, f)
     python = args.torch_python if impl == "torch" else sys.executable
-    try:
-        proc = subprocess.run([python, "-m", "bench.mac_worker", cfg_path, res_path],
-                              env=main._worker_env(extra_env, args.threads), cwd=str(E.ROOT), capture_output=True,
-                              text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        proc = None
-    if os.path.exists(res_path):
-        with open(res_path) as f:
-            return json.load(f)
-    why = "timed out" if proc is None else f"exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
-    return {"impl": impl, "depth": cfg["depth"], "status": "error", "error": f"worker {why}"}
+    res, why = E.run_worker("bench.mac_worker", python, cfg, tmp, main._worker_env(extra_env, args.threads),
+                            args.timeout)
+    return res if res is not None else {"impl": impl, "depth": cfg["depth"], "status": "error", "error": why}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench import env as E
 from bench.mac import NAMES, ORDER
 
 
@@ -52,7 +53,7 @@ def _mb(x):
 
 
 def markdown(doc: dict) -> str:
-    env, cfg = doc["environment"], doc["config"]
+    cfg = doc["config"]
     mac = cfg["mac_config"]
     L = [f"# MAC prefill/decode against context depth ({doc['name']})", "",
          f"MAC config (random weights; titans_mlx on titans-pytorch's weights when both ran): `{mac}`. "
@@ -112,20 +113,7 @@ def markdown(doc: dict) -> str:
         sk = [r for r in skipped if r["impl"] == impl]
         if sk:
             L.append(f"- {NAMES[impl]} not run at depths {', '.join(str(r['depth']) for r in sk)} ({sk[0]['error']}).")
-    v = {}
-    for r in doc["results"]:
-        v.update(r.get("versions") or {})
-    g = env.get("git", {})
-    L += ["", "Environment:", "",
-          f"- machine: {env['cpu']} ({env['cpu_count']} CPUs), {(env.get('memory_total_bytes') or 0) / 1e9:.1f} GB RAM; "
-          f"{env['os']}",
-          "- versions: " + ", ".join(f"{k} {v[k]}" for k in ("python", "mlx", "mlx-lm", "torch", "titans-pytorch",
-                                                             "numpy") if k in v),
-          "- BLAS: " + "; ".join(sorted({f"{NAMES[r['impl']]}: {r['blas']['description']}" for r in doc["results"]
-                                          if r.get("status") == "ok"})),
-          f"- git commit {g.get('commit')}{' (dirty)' if g.get('dirty') else ''}; {env['timestamp_utc']}; load average "
-          f"at start {env.get('loadavg')}",
-          f"- command: `{env['command']}`", ""]
+    L += E.environment_lines(doc, NAMES)
     return "\n".join(L)
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,6 @@ def test_mac_user_errors_are_one_line(tmp_path, args, message):
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("titans_mlx.memory") is None, reason="titans_mlx.memory not there yet")
 def test_memory_smoke(tmp_path):
     impls = "torch,mlx" if importlib.util.find_spec("titans_pytorch") else "mlx"
     r = _bench("memory", "--seq-lens", "128", "--dim", "32", "--chunk", "8", "--warmup", "0", "--repeats", "1",
@@ -91,7 +91,6 @@ def test_flop_formula_default_config():
     assert neural_memory_flops(n, d, c) == big + small
 
 
-@pytest.mark.skipif(importlib.util.find_spec("titans_mlx.generate") is None, reason="titans_mlx.generate not there yet")
 def test_mac_smoke(tmp_path):
     config = {"model_type": "titans_mac", "num_tokens": 64, "dim": 32, "depth": 1, "segment_len": 8, "heads": 2,
               "dim_head": 16, "num_longterm_mem_tokens": 2, "num_persist_mem_tokens": 2, "num_residual_streams": 1,
@@ -107,3 +106,58 @@ def test_mac_smoke(tmp_path):
     assert res["last_block"]["tokens"] == 16 and res["mlx_peak_delta_bytes"] > 0
     md = (tmp_path / "smoke.md").read_text()
     assert "tg3 @ d40" in md and "pp40" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--impl", "jax"], "--impl"),
+    (["--configs", "nonesuch"], "--configs"),
+    (["--configs", "/nonexistent/config.json"], "--configs"),
+    (["--seq-len", "0"], "--seq-len"),
+    (["--steps", "0"], "--steps"),
+])
+def test_train_user_errors_are_one_line(tmp_path, args, message):
+    r = _bench("train", "--out", str(tmp_path), *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_train_flop_count_generalises_the_default():
+    from bench.flops import memory_forward_flops, memory_train_flops, neural_memory_flops, newton_schulz_flops
+
+    for n, d, c, b, h, dh in [(4096, 384, 64, 1, 1, None), (572, 256, 36, 2, 1, None), (300, 64, 8, 2, 4, 16)]:
+        assert memory_forward_flops(n, d, c, b, h, dh) == neural_memory_flops(n, d, c, b, h, dh)
+    # spectral norm adds 5 Newton-Schulz steps per chunk, head and weight matrix (64x128 and 128x64 here)
+    plain = memory_forward_flops(400, 384, 4, 1, 4, 64, [64, 128, 64])
+    ns = memory_forward_flops(400, 384, 4, 1, 4, 64, [64, 128, 64], spectral_norm=True) - plain
+    assert newton_schulz_flops(64, 128) == 5 * (4 * 64 * 64 * 128 + 2 * 64 ** 3) == newton_schulz_flops(128, 64)
+    assert ns == 100 * 4 * 2 * newton_schulz_flops(64, 128)
+    assert memory_train_flops(400, 384, 4) == 3 * memory_forward_flops(400, 384, 4)
+
+
+def test_train_smoke(tmp_path):
+    config = {"model_type": "titans_mac", "num_tokens": 64, "dim": 32, "depth": 2, "segment_len": 8, "heads": 2,
+              "dim_head": 16, "num_longterm_mem_tokens": 2, "num_persist_mem_tokens": 2, "num_residual_streams": 1,
+              "neural_memory_layers": [1, 2], "neural_memory_segment_len": 4, "neural_memory_batch_size": 8,
+              "neural_mem_weight_residual": True, "neural_memory_qkv_receives_diff_views": True,
+              "neural_memory_model": {"class": "MemoryMLP", "dim": 16, "depth": 2},
+              "neural_memory_kwargs": {"dim_head": 16, "heads": 2, "spectral_norm_surprises": True,
+                                       "attn_pool_chunks": True, "per_parameter_lr_modulation": True}}
+    (tmp_path / "tiny.json").write_text(json.dumps(config))
+    r = _bench("train", "--impl", "mlx", "--configs", str(tmp_path / "tiny.json"), "--seq-len", "24", "--warmup", "1",
+               "--steps", "1", "--repeats", "2", "--matmul-size", "64", "--matmul-repeats", "1",
+               "--memory-repeats", "1", "--out", str(tmp_path), "--name", "smoke", "--no-plot")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((tmp_path / "smoke.json").read_text())
+    for field in ENV_FIELDS:
+        assert field in doc["environment"], field
+    (res,) = doc["results"]
+    assert res["status"] == "ok", res
+    assert res["config"] == "tiny" and res["tokens_per_step"] == 24 and res["tokens_per_s"] > 0
+    assert len(res["step_s"]) == 2 and len(res["losses"]) == 3 and all(math.isfinite(x) for x in res["losses"])
+    assert res["memory"]["peak_rss_delta_bytes"] is not None and res["memory"]["mlx_peak_delta_bytes"] > 0
+    probe = res["memory_probe"]
+    assert probe["input_shape"] == [1, 24 + 2 * 2, 32] and probe["forward_backward_flops"] > 0
+    assert probe["newton_schulz_forward_flops"] > 0 and probe["efficiency_forward_backward"] > 0
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| tiny | titans_mlx |" in md

@@ -300,7 +300,6 @@ def test_cli_ctrl_c_stops_cleanly(model_dir):
 # ---- the bundled demo model ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (ROOT / "titans_mlx" / "demo_model" / "config.json").is_file(), reason="demo model not built")
 def test_bundled_demo_model_is_the_default(capsys):
     from titans_mlx.generate import DEFAULT_MODEL
     from titans_mlx.io import load

@@ -1,6 +1,5 @@
 """MAC transformer: logits vs titans-pytorch fixtures, streaming with a cache, greedy decoding, checkpoints."""
 
-import importlib.util
 import json
 import random
 import sys
@@ -12,24 +11,14 @@ import pytest
 from conftest import FIXTURES
 from titans_mlx.mac import Model, ModelArgs
 
-HAS_MEMORY = importlib.util.find_spec("titans_mlx.memory") is not None
-HAS_HYPER = importlib.util.find_spec("titans_mlx.hyper_connections") is not None
 
 CASES = ["block_s1", "sliding_s1", "block_s1_mem", "block_s4_mem", "sliding_s4_gate", "block_s4_wres_views",
          "sliding_s1_ttt_heads", "train_mac_small", "demo_small", "legacy_hc"]
 
 
-def needs(config):
-    if config.get("neural_memory_layers", None) != [] and not HAS_MEMORY:
-        pytest.skip("titans_mlx.memory not available yet")
-    if config.get("num_residual_streams", 4) > 1 and not HAS_HYPER:
-        pytest.skip("titans_mlx.hyper_connections not available yet")
-
-
 def load_fixture(name):
     arrays, meta = mx.load(str(FIXTURES / f"mac_{name}.safetensors"), return_metadata=True)
     config = json.loads(meta["config"])
-    needs(config)
     sd = {k[3:]: v for k, v in arrays.items() if k.startswith("sd.")}
     model = Model(ModelArgs.from_dict(config))
     model.load_weights(list(model.sanitize(sd).items()), strict=True)
@@ -81,7 +70,7 @@ def test_any_split_equals_one_call(name):
 
 
 def test_cache_keeps_only_the_window():
-    model, arrays, _ = load_fixture("sliding_s4_gate" if HAS_MEMORY and HAS_HYPER else "sliding_s1")
+    model, arrays, _ = load_fixture("sliding_s4_gate")
     tokens = mx.concatenate([arrays["tokens"]] * 3, axis=1)
     cache = model.make_cache()
     for i in range(tokens.shape[1]):
@@ -96,7 +85,7 @@ def test_cache_keeps_only_the_window():
 def test_cache_state_round_trip(tmp_path):
     from titans_mlx.cache import cache_from_arrays, cache_to_arrays
 
-    name = "block_s4_wres_views" if HAS_MEMORY and HAS_HYPER else "block_s1"
+    name = "block_s4_wres_views"
     model, arrays, _ = load_fixture(name)
     tokens = arrays["tokens"]
     full = model(tokens)
@@ -127,7 +116,7 @@ def test_greedy_decoding_matches_titans_pytorch_sample():
 
 
 def test_sanitize_is_idempotent_and_strict():
-    name = "block_s1_mem" if HAS_MEMORY else "block_s1"
+    name = "block_s1_mem"
     model, _, sd = load_fixture(name)
     once = model.sanitize(sd)
     twice = model.sanitize(once)
@@ -185,7 +174,6 @@ def test_live_against_titans_pytorch(overrides):
     import make_mac_fixtures as mk
 
     config = mk.full_config(overrides)
-    needs(config)
     tmodel = mk.build_torch_model(config, seed=7)
     tokens = mk.make_tokens(config["num_tokens"], 2, 53, seed=8)
     with torch.no_grad():
@@ -196,8 +184,6 @@ def test_live_against_titans_pytorch(overrides):
 
 
 def test_sanitize_rejects_the_wrong_hyper_connection_variant():
-    if not (HAS_MEMORY and HAS_HYPER):
-        pytest.skip("needs titans_mlx.memory and titans_mlx.hyper_connections")
     arrays, meta = mx.load(str(FIXTURES / "mac_block_s4_mem.safetensors"), return_metadata=True)
     config = {**json.loads(meta["config"]), "legacy_hyper_connections": True}
     sd = {k[3:]: v for k, v in arrays.items() if k.startswith("sd.")}
