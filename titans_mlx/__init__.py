@@ -3,7 +3,7 @@
 from .cache import MACLayerCache, cache_from_arrays, cache_to_arrays
 from .io import load, save_model
 from .mac import Model, ModelArgs
-from .memory import MemoryState, NeuralMemory
+from .memory import MemoryState, NeuralMemory, memory_frozen
 from .memory_models import (
     FactorizedMemoryMLP,
     GatedResidualMemoryMLP,

@@ -9,6 +9,7 @@ chaining is exact only for chunk-aligned calls or single tokens; we follow its p
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Callable, Optional
@@ -173,6 +174,8 @@ class NeuralMemory(nn.Module):
         self.batch_size = batch_size
         self.heads, self.dim_head, self.dim = heads, dim_head, dim
         self.per_head_learned_parameters = per_head_learned_parameters
+        # a switch like `training`, not state: True (memory_frozen) turns test-time learning off, reads go on
+        self.frozen = False
         self.structure = Structure(
             dim=dim, heads=heads, dim_head=dim_head, chunk_size=store_chunk, num_kv_per_token=num_kv_per_token,
             model=model, views=qkv_receives_diff_views, pre_rmsnorm=pre_rmsnorm, qk_rmsnorm=qk_rmsnorm,
@@ -385,8 +388,9 @@ class NeuralMemory(nn.Module):
             block_store = mx.pad(store_all[..., c0 * C:(c0 + kc) * C, :], pad)
             kw = max(0, min(kc, n_windows - c0))
             block_read = mx.pad(body[:, c0 * C:(c0 + kw) * C], [(0, 0), (0, (K - kw) * C), (0, 0)])
-            valid = mx.arange(K) < kc
-            boundary = mx.arange(K) == (kc - 1 if ends_batch else -1)
+            # frozen: no chunk writes (the recurrences keep every weight), the reads still run
+            valid = mx.arange(K) < (0 if self.frozen else kc)
+            boundary = mx.arange(K) == (kc - 1 if ends_batch and not self.frozen else -1)
             prev = None
             if s.weight_residual:
                 prev = [mx.pad(w[:, c0:c0 + kc], [(0, 0), (0, K - kc)] + [(0, 0)] * (w.ndim - 2))
@@ -400,7 +404,7 @@ class NeuralMemory(nn.Module):
             if return_surprises:
                 losses.append(loss[:, :kc])
                 lrs.append(lr[:, :kc])
-            if ends_batch:  # the next mini-batch takes its gradients at the latest weights
+            if ends_batch and not self.frozen:  # the next mini-batch takes its gradients at the latest weights
                 grad_point = list(last_update)
 
         y = mx.concatenate(outputs, axis=1)[:, :m] if outputs else mx.zeros((batch, 0, self.dim), x.dtype)
@@ -418,3 +422,23 @@ class NeuralMemory(nn.Module):
         if return_updates:
             result += ([mx.concatenate(u, axis=1) for u in updates],)
         return result
+
+
+@contextmanager
+def memory_frozen(model: nn.Module):
+    """Test-time learning off inside the block: every NeuralMemory in ``model`` reads its current weights and writes
+    nothing (its state still advances through the sequence); on exit each memory is as it was. A recall that survives
+    freezing did not come from the memory.
+
+        with memory_frozen(model):
+            logits = model(tokens, cache=cache)
+    """
+    memories = [m for _, m in model.named_modules() if isinstance(m, NeuralMemory)]
+    before = [m.frozen for m in memories]
+    for m in memories:
+        m.frozen = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(memories, before):
+            m.frozen = was
