@@ -265,6 +265,14 @@ def write_outputs(doc: dict, stem: Path, plot_png: bool = True, md=None, plot_fn
     return paths
 
 
+def publish(doc: dict, stem: Path, plot_png: bool, report) -> None:
+    """Summarise doc with a report module (summary, markdown, plot), write .json/.md(/.png), print paths and table."""
+    doc["summary"] = report.summary(doc)
+    for p in write_outputs(doc, stem, plot_png, report.markdown, report.plot):
+        print(p)
+    print(report.markdown(doc))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):

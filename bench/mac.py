@@ -123,11 +123,8 @@ def run_mac(args, argv, main) -> int:
                 else:
                     failed = True
                     print(f" FAILED: {res.get('error')}", file=sys.stderr)
-    from bench.mac_report import markdown, plot, summary
-    doc["summary"] = summary(doc)
-    for p in main.write_outputs(doc, out_dir / name, not args.no_plot, markdown, plot):
-        print(p)
-    print(markdown(doc))
+    from bench import mac_report
+    main.publish(doc, out_dir / name, not args.no_plot, mac_report)
     return 1 if failed else 0
 
 

@@ -152,11 +152,8 @@ def run_train(args, argv, main) -> int:
                 else:
                     failed = True
                     print(f" FAILED: {res.get('error')}", file=sys.stderr)
-    from bench.train_report import markdown, plot, summary
-    doc["summary"] = summary(doc)
-    for p in main.write_outputs(doc, out_dir / name, not args.no_plot, markdown, plot):
-        print(p)
-    print(markdown(doc))
+    from bench import train_report
+    main.publish(doc, out_dir / name, not args.no_plot, train_report)
     return 1 if failed else 0
 
 
