@@ -336,6 +336,13 @@ class Model(nn.Module):
     _SUBLAYERS = {"ff": {"0": "norm", "1": "proj_in", "3": "proj_out"}, "mem_qkv_selector": {"0": "norm", "1": "proj"},
                   "attn": {"to_learned_v_mix.0": "to_learned_v_mix"}}
 
+    @staticmethod
+    def cast_predicate(key: str) -> bool:
+        """Whether a dtype conversion may cast this weight (NeuralMemory keeps its initial fast weights float32)."""
+        from .memory import NeuralMemory
+
+        return NeuralMemory.cast_predicate(key)
+
     def sanitize(self, weights: dict) -> dict:
         """titans-pytorch ``MemoryAsContextTransformer`` state-dict names -> ours (idempotent)."""
         out, memories = {}, {}

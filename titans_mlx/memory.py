@@ -17,6 +17,9 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx.utils import tree_map
+
+from .attention import wide
 from .memory_models import MemoryMLP, MemoryModel, ResidualNorm, build_memory_model
 from .memory_step import ACTIVATIONS, Structure, retrieve, store_block
 
@@ -234,6 +237,12 @@ class NeuralMemory(nn.Module):
     # ---- checkpoints --------------------------------------------------------------------------------------------
 
     @staticmethod
+    def cast_predicate(key: str) -> bool:
+        """Whether a dtype conversion (``convert --dtype``, mlx-lm's convert) may cast this weight: not the memory's
+        initial fast weights, which it computes with in float32."""
+        return "memory_model_parameters" not in key
+
+    @staticmethod
     def sanitize(weights: dict) -> dict:
         """titans-pytorch state-dict names -> ours. Drops the ``memory_model.*`` templates (they alias
         ``memory_model_parameters.*``, the tensors the forward uses) and unwraps ``Sequential`` indices."""
@@ -258,7 +267,8 @@ class NeuralMemory(nn.Module):
         return mx.broadcast_to(mx.expand_dims(w, 0), (batch, *w.shape)).reshape(batch * self.heads, *w.shape[1:])
 
     def initial_state(self, batch: int, dtype=None) -> MemoryState:
-        weights = [self._expand_heads(w, batch) for w in self.memory_model_parameters]
+        # the fast weights are float32 (float64 stays) whatever the model's dtype: see __call__
+        weights = [self._expand_heads(w.astype(wide(w.dtype)), batch) for w in self.memory_model_parameters]
         s = self.structure
         momentum = [mx.zeros((s.momentum_order, *w.shape), w.dtype) for w in weights] if s.momentum else None
         dtype = dtype or weights[0].dtype
@@ -343,6 +353,10 @@ class NeuralMemory(nn.Module):
         if s.weight_residual != (prev_weights is not None):
             raise ValueError("prev_weights must be given exactly when accept_weight_residual=True")
         x = self._check_input(x)
+        # the memory computes in float32 whatever the model's dtype (float64 stays): its weights are learned online,
+        # and half-precision updates lose them (the bundled model in bfloat16 moved log-probabilities by 7.6)
+        out_dtype = x.dtype
+        x = x.astype(wide(x.dtype))
         retrieve_x, store_new = (x[0], x[1:]) if s.views else (x, x)
         batch, m = retrieve_x.shape[0], retrieve_x.shape[1]
         state = self.initial_state(batch, x.dtype) if state is None else state
@@ -361,6 +375,7 @@ class NeuralMemory(nn.Module):
         # C tokens, window j after the j-th chunk completed in this call
         head = min(m, max(0, state.seq_index + C - 1 - p))
         params = {k: v for k, v in self.parameters().items() if k not in ("memory_model_parameters", "transition_gate")}
+        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), params)
         outputs = []
         context = state.read_context
         if context is not None:  # the window's earlier tokens are part of what a cross-token memory reads
@@ -381,7 +396,7 @@ class NeuralMemory(nn.Module):
         step = _compiled_store_block(s, return_updates)
         hparams = {k: v.astype(x.dtype) for k, v in self._hparams.items()}
         if "transition_gate" in self:
-            hparams["transition_gate"] = mx.sigmoid(self.transition_gate).astype(x.dtype)
+            hparams["transition_gate"] = mx.sigmoid(self.transition_gate.astype(x.dtype))
         for c0, kc, ends_batch in self._blocks(first_chunk, n_chunks, ttt, batch):
             K = 1 << (kc - 1).bit_length()  # bucket the block size: a handful of compiled shapes
             pad = [(0, 0)] * (store_all.ndim - 2) + [(0, (K - kc) * C), (0, 0)]
@@ -408,6 +423,7 @@ class NeuralMemory(nn.Module):
                 grad_point = list(last_update)
 
         y = mx.concatenate(outputs, axis=1)[:, :m] if outputs else mx.zeros((batch, 0, self.dim), x.dtype)
+        y = y.astype(out_dtype)
         new_state = MemoryState(state.seq_index + n_chunks * C, grad_point, last_update, momentum,
                                 store_all[..., n_chunks * C:, :],
                                 None if context is None else context[:, n_chunks * C:])
