@@ -277,3 +277,12 @@ def test_bad_arguments(tmp_path):
     assert_fails(run("--torch-path", CK / "mac_tiny.pt", "--mlx-path", out), "--config is required", out)
     (tmp_path / "bad.model").write_bytes(b"garbage")
     assert_fails(run(*MAC_ARGS, "--mlx-path", out, "--tokenizer", tmp_path / "bad.model"), "not a sentencepiece model", out)
+
+
+def test_dtype_keeps_the_memory_fast_weights_float32(tmp_path, mac_module):
+    out = tmp_path / "bf16"
+    convert_ok(*MAC_ARGS, "--mlx-path", out, "--dtype", "bfloat16")
+    weights = mx.load(str(out / "model.safetensors"))
+    fast = {k for k in weights if ".mem.memory_model_parameters." in k}
+    assert fast and {weights[k].dtype for k in fast} == {mx.float32}
+    assert {v.dtype for k, v in weights.items() if k not in fast} == {mx.bfloat16}
