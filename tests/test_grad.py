@@ -102,6 +102,39 @@ def test_neural_memory_gradients_match_titans_pytorch(name):
     assert_close(ours, theirs, torch32, floor, model_wide=case["config"].get("spectral_norm_surprises", False))
 
 
+@pytest.mark.parametrize("overrides", [
+    dict(num_residual_streams=1, neural_memory_layers=(1, 2), neural_memory_batch_size=20, sliding_window_attn=True,
+         neural_memory_kwargs=dict(heads=2, dim_head=16, qk_rmsnorm=True, attn_pool_chunks=True)),
+    dict(num_residual_streams=4, depth=3, neural_memory_layers=(1, 3), neural_mem_weight_residual=True,
+         neural_memory_qkv_receives_diff_views=True, neural_memory_model={"class": "MemoryMLP", "dim": 32, "depth": 2}),
+])
+def test_live_gradients_against_titans_pytorch(overrides):
+    """Fresh seeds and shapes where titans-pytorch is installed (the parity extra)."""
+    pytest.importorskip("titans_pytorch")
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(FIXTURES))
+    import make_grad_fixtures as mg
+    import make_mac_fixtures as mk
+
+    torch.set_num_threads(1)
+    config = mk.full_config(overrides)
+    tmodel = mk.build_torch_model(config, seed=11).train()
+    tokens = mk.make_tokens(config["num_tokens"], 2, 41, seed=12)
+    loss_ref, g64, errors = mg.reference(mg.mac_run(tmodel, tokens))
+    model = Model(ModelArgs.from_dict(config))
+    model.load_weights(list(model.sanitize(mk.state_dict_numpy(tmodel)).items()), strict=True)
+    grads = {k: v.numpy().astype(np.float32) for k, v in g64.items()}
+    theirs, torch32 = by_our_names(model.sanitize, grads, errors)
+    loss, ours = nn.value_and_grad(model, lambda m, ids: m.loss(ids))(model, mx.array(tokens.numpy()))
+    ours = dict(tree_flatten(ours))
+    assert set(ours) == set(theirs)
+    assert abs(loss.item() - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert_close(ours, theirs, torch32, mg.ZERO_FLOOR)
+
+
 # ---- finite differences: independent of both implementations' backward passes ---------------------------------------
 
 FD_CONFIGS = {
