@@ -353,8 +353,8 @@ class NeuralMemory(nn.Module):
         if s.weight_residual != (prev_weights is not None):
             raise ValueError("prev_weights must be given exactly when accept_weight_residual=True")
         x = self._check_input(x)
-        # the memory computes in float32 whatever the model's dtype (float64 stays): its weights are learned online,
-        # and half-precision updates lose them (the bundled model in bfloat16 moved log-probabilities by 7.6)
+        # the memory computes in float32 whatever the model's dtype (float64 stays): its weights are learned online
+        # over the whole document, so its state and updates keep float32 (as ttt-lm-mlx keeps its TTT state)
         out_dtype = x.dtype
         x = x.astype(wide(x.dtype))
         retrieve_x, store_new = (x[0], x[1:]) if s.views else (x, x)

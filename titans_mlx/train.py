@@ -30,14 +30,10 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
+from .generate import _Parser  # one-line argparse errors, exit 2
 from .train_data import TrainError, Windows, iterate_valid, train_samples, valid_batch_size
 from .train_setup import Run, prepare, run_settings
 from .train_state import write_checkpoint
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, like argparse but without the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
