@@ -154,11 +154,7 @@ def run_memory(args, argv) -> int:
         raise UserError("--profile needs Linux perf on PATH (Debian: apt-get install linux-perf)")
     impls = _resolve_impls(args)
     blas_extra, blas_tag = _blas_env(args)
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out: cannot create {out_dir}: {e.strerror}")
+    out_dir = make_out_dir(args)
     name = args.name or (f"memory_{blas_tag}_n{'-'.join(map(str, args.seq_lens))}"
                          f"_c{'-'.join(map(str, args.chunk))}_d{args.dim}") + ("_nocompile" if args.no_compile else "") + ("_profile" if args.profile else "")
 
@@ -263,6 +259,16 @@ def write_outputs(doc: dict, stem: Path, plot_png: bool = True, md=None, plot_fn
         elif importlib.util.find_spec("matplotlib") is None:
             print("[bench] matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
     return paths
+
+
+def make_out_dir(args) -> Path:
+    """--out, created; a UserError naming it when it cannot be."""
+    out_dir = Path(args.out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out: cannot create {out_dir}: {e.strerror}")
+    return out_dir
 
 
 def publish(doc: dict, stem: Path, plot_png: bool, report) -> None:

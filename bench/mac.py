@@ -8,7 +8,6 @@ import json
 import os
 import sys
 import tempfile
-from pathlib import Path
 
 from bench import env as E
 
@@ -80,11 +79,7 @@ def run_mac(args, argv, main) -> int:
             raise main.UserError(f"--impl torch: titans_pytorch is not importable by {args.torch_python}")
     impls = [i for i in ORDER if i in impls]
     blas_extra, blas_tag = main._blas_env(args)
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise main.UserError(f"--out: cannot create {out_dir}: {e.strerror}")
+    out_dir = main.make_out_dir(args)
     name = args.name or f"mac_{blas_tag}_d{'-'.join(str(d // 1024) + 'k' if d % 1024 == 0 else str(d) for d in args.depths)}"
     doc = {"benchmark": "mac_context_depth", "schema": 1, "name": name, "environment": E.environment(argv),
            "config": {"depths": args.depths, "tg": args.tg, "impls": impls, "torch_max_depth": args.torch_max_depth,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bench import env as E
+from bench.report import pyplot
 from bench.mac import NAMES, ORDER
 
 
@@ -118,11 +119,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.3))
     any_ok = False

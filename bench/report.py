@@ -118,13 +118,21 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(doc: dict, path: str) -> bool:
-    """Time and peak memory per (n, C) for each implementation. False when matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(doc: dict, path: str) -> bool:
+    """Time and peak memory per (n, C) for each implementation. False when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return False
     ok = [r for r in doc["results"] if r.get("status") == "ok"]
     if not ok:

@@ -111,11 +111,7 @@ def run_train(args, argv, main) -> int:
     configs = resolve_configs(args.configs, args.depth, main.UserError)
     impls = main._resolve_impls(args)
     blas_extra, blas_tag = main._blas_env(args)
-    out_dir = Path(args.out)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise main.UserError(f"--out: cannot create {out_dir}: {e.strerror}")
+    out_dir = main.make_out_dir(args)
     name = args.name or f"train_{blas_tag}_{'-'.join(configs)}_s{args.seq_len}_b{args.batch}"
     adam = {"lr": args.lr, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}  # torch.optim.AdamW defaults
     doc = {"benchmark": "training_step", "schema": 1, "name": name, "environment": E.environment(argv),

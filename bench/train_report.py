@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from bench import env as E
+from bench.report import pyplot
 
 NAMES = {"torch": "titans-pytorch", "mlx": "titans_mlx"}
 SPEED_TARGET, MEMORY_TARGET = 3.0, 0.25
@@ -121,11 +122,8 @@ def markdown(doc: dict) -> str:
 
 
 def plot(doc: dict, path: str) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     by = _ok(doc)
     if not by:
