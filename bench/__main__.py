@@ -5,6 +5,9 @@
                                                         # MAC prefill/decode/peak memory vs context (bench/mac.py)
     python -m bench train [--configs small,train_mac,chunk16] [--seq-len 512] [--batch 1] [--blas openblas] ...
                                                         # MAC training step tokens/s and memory (bench/train.py)
+    python -m bench serve [--tokens 32768] [--modes completions,chat] [--blas openblas]
+                                                        # mlx_lm.server time to first token, first turn vs
+                                                        # follow-ups on the cached state (bench/serve.py)
     python -m bench report bench/results/NAME.json      # redo the .md/.png from a .json
     python -m bench env                                 # print the environment record
 
@@ -90,6 +93,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     _add_mac(sub, _int_list)
     from bench.train import add_parser as _add_train
     _add_train(sub, _int_list)
+    from bench.serve import add_parser as _add_serve
+    _add_serve(sub, _int_list)
 
     r = sub.add_parser("report", help="rewrite the .md (and .png) next to benchmark JSON files")
     r.add_argument("json", nargs="+")
@@ -293,6 +298,9 @@ def main(argv=None) -> int:
         if args.cmd == "train":
             from bench.train import run_train
             return run_train(args, argv, sys.modules[__name__])
+        if args.cmd == "serve":
+            from bench.serve import run_serve
+            return run_serve(args, argv, sys.modules[__name__])
         if args.cmd == "report":
             for path in args.json:
                 try:

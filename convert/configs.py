@@ -39,10 +39,11 @@ def _mlx_extra(kind: str) -> set:
 
     if kind == "mac":
         try:
+            from titans_mlx.io import MLX_LM_CONFIG_KEYS
             from titans_mlx.mac import ModelArgs
         except ImportError:
             return {"model_type"}
-        return set(inspect.signature(ModelArgs).parameters)
+        return set(inspect.signature(ModelArgs).parameters) | set(MLX_LM_CONFIG_KEYS)
     return {"model_type"}
 
 

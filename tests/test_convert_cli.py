@@ -66,7 +66,8 @@ def test_mac_end_to_end(tmp_path, mac_module):
     out = tmp_path / "mac"
     res = convert_ok(*MAC_ARGS, "--mlx-path", out)
     assert "Saved" in res.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "titans_model.py",
+                                                     "tokenizer.json", "tokenizer_config.json"]
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "titans_mac" and config["segment_len"] == 4 and config["neural_memory_layers"] == [2]
     model, tok = load(out)
@@ -197,6 +198,46 @@ def test_weight_shape_mismatch_names_key(tmp_path, mac_module):
                  "qk_rmsnorm=True does not fit the checkpoint: layers.1.4.q_norm.gamma is absent", out)
 
 
+DEMO = ROOT / "titans_mlx" / "demo_model"
+
+
+def test_quantize(tmp_path, mac_module):
+    import mlx.nn as nn
+    from titans_mlx.io import load
+
+    # an MLX model directory, as the README shows: 8 bits in groups of 64; its tokenizer comes along
+    q8 = tmp_path / "q8"
+    res = convert_ok("--model", DEMO, "--mlx-path", q8, "-q", "--q-bits", "8")
+    assert "Quantizing to 8 bits in groups of 64" in res.stdout and "Saved" in res.stdout
+    config = json.loads((q8 / "config.json").read_text())
+    assert config["quantization"]["bits"] == 8 and config["quantization_config"] == config["quantization"]
+    model, tok = load(q8)
+    assert tok is not None and tok.decode(tok.encode("Moses")) == "Moses"
+    head = model.to_logits
+    assert isinstance(head, nn.QuantizedLinear) and (head.bits, head.group_size) == (8, 64)
+    assert (q8 / "model.safetensors").stat().st_size < 0.5 * (DEMO / "model.safetensors").stat().st_size
+    assert_fails(run("--model", q8, "--mlx-path", tmp_path / "again", "-q"), "is already quantized (8-bit)",
+                 tmp_path / "again")
+
+    # defaults 4 bits / 64, after --dtype: the scales take the new dtype, the memory's fast weights stay float32
+    q4 = tmp_path / "q4"
+    convert_ok("--model", DEMO, "--mlx-path", q4, "-q", "--dtype", "bfloat16")
+    weights = mx.load(str(q4 / "model.safetensors"))
+    assert weights["to_logits.weight"].dtype == mx.uint32 and weights["to_logits.scales"].dtype == mx.bfloat16
+    assert load(q4)[0].to_logits.bits == 4
+    fast = [k for k in weights if ".mem.memory_model_parameters." in k]
+    assert fast and {weights[k].dtype for k in fast} == {mx.float32}
+
+    # a checkpoint: mac_tiny's layers are 16 or 42 wide, which no group of 32 divides, so none is packed; the
+    # result loads and gives the checkpoint's logits
+    out = tmp_path / "tiny"
+    convert_ok(*MAC_ARGS, "--mlx-path", out, "-q", "--q-bits", "8", "--q-group-size", "32")
+    assert json.loads((out / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 8,
+                                                                             "mode": "affine"}
+    ref = np.load(CK / "mac_tiny.npz")
+    assert rel_err(load(out)[0](mx.array(ref["tokens"])), ref["logits"]) <= 1e-4
+
+
 # ---- bad input: no model classes needed ----------------------------------------------------------------------------
 
 
@@ -286,3 +327,21 @@ def test_dtype_keeps_the_memory_fast_weights_float32(tmp_path, mac_module):
     fast = {k for k in weights if ".mem.memory_model_parameters." in k}
     assert fast and {weights[k].dtype for k in fast} == {mx.float32}
     assert {v.dtype for k, v in weights.items() if k not in fast} == {mx.bfloat16}
+
+
+def test_bad_quantize_arguments(tmp_path):
+    out = tmp_path / "out"
+    assert_fails(run("--model", DEMO, "--mlx-path", out, "-q", "--q-bits", "3"), "--q-bits: invalid choice: 3", out,
+                 code=2)
+    assert_fails(run("--model", DEMO, "--mlx-path", out, "-q", "--q-group-size", "16"),
+                 "--q-group-size: invalid choice: 16", out, code=2)
+    assert_fails(run(*MAC_ARGS, "--model", DEMO, "--mlx-path", out), "not allowed with argument", out, code=2)
+    assert_fails(run("--mlx-path", out, "-q"), "one of the arguments --torch-path --model is required", out, code=2)
+    assert_fails(run("--model", DEMO, "--mlx-path", out, "--q-bits", "8"), "apply with -q/--quantize only", out)
+    assert_fails(run("--model", tmp_path / "nope", "--mlx-path", out, "-q"), "no such directory", out)
+    assert_fails(run("--model", tmp_path, "--mlx-path", out, "-q"), "not a model directory", out)
+    assert_fails(run("--model", DEMO, "--config", CK / "mac_tiny.json", "--mlx-path", out, "-q"),
+                 "--config applies to --torch-path only", out)
+    before = (DEMO / "model.safetensors").stat().st_mtime_ns
+    assert_fails(run("--model", DEMO, "--mlx-path", DEMO, "-q", "--force"), "must differ from --model")
+    assert (DEMO / "model.safetensors").stat().st_mtime_ns == before

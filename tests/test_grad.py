@@ -18,6 +18,7 @@ from safetensors import safe_open
 from conftest import FIXTURES
 from memory_cases import load_case, load_memory
 from test_mac import CASES, load_fixture
+from titans_mlx.cache import memory_states
 from titans_mlx.mac import Model, ModelArgs
 from titans_mlx.memory_models import gelu, gelu_grad
 
@@ -282,7 +283,7 @@ def test_memory_writes_in_eval_mode():
     eval_logits = model(ids)
     model(ids, cache=eval_cache)
     assert mx.array_equal(train_logits, eval_logits)
-    state, initial = eval_cache[0].memory_state, model.layers[0].mem.initial_state(1)
+    state, initial = memory_states(eval_cache)[0], model.layers[0].mem.initial_state(1)
     assert state.seq_index > 0
     assert float(mx.max(mx.abs(state.last_update[1] - initial.last_update[1]))) > 1e-3
 

@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 from memory_cases import load_case, load_memory
 from test_mac import load_fixture
+from titans_mlx.cache import memory_states
 
 
 def cast(module, dtype):
@@ -45,7 +46,7 @@ def test_half_mac_keeps_a_float32_memory_state():
     cache = model.make_cache()
     logits = model(arrays["tokens"], cache=cache)
     assert logits.dtype == mx.bfloat16 and np.isfinite(np.array(logits.astype(mx.float32))).all()
-    states = [c.memory_state for c in cache if c.memory_state is not None]
+    states = [s for s in memory_states(cache) if s is not None]
     assert states and all(w.dtype == mx.float32 for s in states for w in s.last_update + s.grad_point)
     assert not any("memory_model_parameters" in k and v.dtype != mx.float32
                    for k, v in tree_flatten(model.parameters()))

@@ -43,7 +43,9 @@ def outputs(model):
 def test_roundtrip(tmp_path, tiny_type):
     model = Tiny(8, 2)
     out = tio.save_model(tmp_path / "m", model, tiny_type, ByteTokenizer())
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
+    # a model type mlx-lm has no use for gets no model_file (see test_mac_dir_loads_in_mlx_lm)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
+                                                     "tokenizer_config.json"]
     text = (out / "config.json").read_text()
     assert json.loads(text) == {"depth": 2, "dim": 8, "model_type": "tiny_test"}
     assert text.index('"depth"') < text.index('"dim"') < text.index('"model_type"')  # sorted
@@ -131,3 +133,77 @@ def test_save_refuses_float64_weights_with_one_line(tmp_path):
     with pytest.raises(ValueError, match="float64"):
         tio.save_model(tmp_path / "m", model, config)
     assert not (tmp_path / "m").exists()
+
+
+# ---- mlx-lm's load_model on our directories ---------------------------------------------------------------------
+
+MAC = dict(num_tokens=256, dim=32, depth=2, segment_len=8, num_persist_mem_tokens=2, num_longterm_mem_tokens=2,
+           neural_memory_layers=[2], dim_head=16, heads=2, num_residual_streams=1, sliding_window_attn=True,
+           neural_memory_kwargs={"dim_head": 16, "heads": 2}, model_type="titans_mac")
+
+
+@pytest.fixture
+def mac_dir(tmp_path):
+    from titans_mlx.mac import Model, ModelArgs
+
+    model = Model(ModelArgs.from_dict(MAC))
+    return tio.save_model(tmp_path / "mac", model, MAC, ByteTokenizer(eos_token_id=10)), model
+
+
+def test_mac_dir_has_mlx_lm_model_file(mac_dir):
+    out, _ = mac_dir
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "titans_model.py",
+                                                     "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_file"] == "titans_model.py" and config["eos_token_id"] == 10
+    source = (out / "titans_model.py").read_text()
+    assert "from titans_mlx.mac import Model, ModelArgs" in source and "titans-mlx" in source
+    from titans_mlx.mac import ModelArgs
+
+    assert ModelArgs.from_dict(config) == ModelArgs.from_dict(MAC)  # model_file and eos_token_id are ignored
+
+
+def test_load_never_runs_the_model_file(mac_dir, tmp_path):
+    out, model = mac_dir
+    marker = tmp_path / "ran"
+    (out / "titans_model.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('executed')\n")
+    ids = mx.array([list(range(40))])
+    np.testing.assert_array_equal(np.array(tio.load(out)[0](ids)), np.array(model(ids)))
+    assert not marker.exists()
+    # and a directory without it (as written before) loads the same
+    (out / "titans_model.py").unlink()
+    config = json.loads((out / "config.json").read_text())
+    del config["model_file"]
+    (out / "config.json").write_text(json.dumps(config))
+    np.testing.assert_array_equal(np.array(tio.load(out)[0](ids)), np.array(model(ids)))
+
+
+def test_neural_memory_dir_has_no_model_file(tmp_path):
+    from titans_mlx.memory import NeuralMemory
+
+    config = {"model_type": "titans_neural_memory", "dim": 8, "chunk_size": 2}
+    out = tio.save_model(tmp_path / "mem", NeuralMemory(dim=8, chunk_size=2), config)
+    assert "model_file" not in json.loads((out / "config.json").read_text())
+    assert not (out / "titans_model.py").exists()
+    tio.load(out)
+
+
+def test_mac_dir_loads_in_mlx_lm(mac_dir):
+    utils = pytest.importorskip("mlx_lm.utils")
+    out, model = mac_dir
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        utils.load_model(out)
+    theirs, config = utils.load_model(out, trust_remote_code=True)  # sanitize, strict load_weights, eval()
+    assert type(theirs).__module__ == "titans_mlx.mac" and not theirs.training and config["model_type"] == "titans_mac"
+    ids = mx.array([[int(b) for b in bytes(range(100, 150))] * 2])  # 100 tokens: many segments, memory chunks
+    want = np.array(model(ids))
+    np.testing.assert_array_equal(np.array(theirs(ids)), want)
+    # in eval mode the memory still stores: its store-only projection (the values it writes) moves the output
+    values = theirs.layers[1].mem.to_values
+    values.weight = values.weight * 2
+    assert not np.allclose(np.array(theirs(ids)), want, atol=1e-4)
+    values.weight = values.weight / 2
+    theirs.train()  # and training mode gives the same output: nothing depends on model.training
+    np.testing.assert_array_equal(np.array(theirs(ids)), want)
+    _, tokenizer = utils.load(str(out), trust_remote_code=True)
+    assert tokenizer.eos_token_ids == {10}  # from config.json, the tokenizer having no EOS token of its own

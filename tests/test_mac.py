@@ -75,28 +75,30 @@ def test_cache_keeps_only_the_window():
     cache = model.make_cache()
     for i in range(tokens.shape[1]):
         model(tokens[:, i:i + 1], cache=cache)
-        for c in cache:
-            assert c.attention.keys.shape[2] <= 2 * model.window
-            if c.memory_state is not None:
-                assert c.memory_state.buffer.shape[-2] < model.args.neural_memory_segment_len
-    assert cache[0].offset == model.positions_for(tokens.shape[1])
+        for attention, memory in zip(cache[0::2], cache[1::2]):
+            assert attention.keys.shape[2] <= 2 * model.window
+            assert attention.offset - attention.start_position == attention.keys.shape[2]
+            if memory[0] is not None:  # the memory's buffer: less than one chunk
+                assert memory[0].shape[-2] < model.args.neural_memory_segment_len
+    assert all(c.offset == model.positions_for(tokens.shape[1]) for c in cache[0::2])
 
 
-def test_cache_state_round_trip(tmp_path):
-    from titans_mlx.cache import cache_from_arrays, cache_to_arrays
+@pytest.mark.parametrize("name", ["block_s4_wres_views", "sliding_s4_gate", "block_s1_mem"])
+def test_cache_round_trips_through_mlx_lm_prompt_cache_files(tmp_path, name):
+    # mlx-lm's own save_prompt_cache/load_prompt_cache rebuild the cache; the continuation equals one call
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 
-    name = "block_s4_wres_views"
     model, arrays, _ = load_fixture(name)
     tokens = arrays["tokens"]
     full = model(tokens)
-    cache = model.make_cache()
-    first = model(tokens[:, :21], cache=cache)
-    flat, meta = cache_to_arrays(cache)
-    mx.save_safetensors(str(tmp_path / "cache.safetensors"), flat, metadata=meta)
-    flat, meta = mx.load(str(tmp_path / "cache.safetensors"), return_metadata=True)
-    restored = cache_from_arrays(flat, meta)
-    rest = model(tokens[:, 21:], cache=restored)
-    assert rel_err(mx.concatenate([first, rest], axis=1), full) <= 1e-5
+    for cut in (1, 21):
+        cache = model.make_cache()
+        first = model(tokens[:, :cut], cache=cache)
+        save_prompt_cache(str(tmp_path / "cache.safetensors"), cache)
+        restored = load_prompt_cache(str(tmp_path / "cache.safetensors"))
+        assert [type(c) for c in restored] == [type(c) for c in cache]
+        rest = model(tokens[:, cut:], cache=restored)
+        assert rel_err(mx.concatenate([first, rest], axis=1), full) <= 1e-5
 
 
 def test_greedy_decoding_matches_titans_pytorch_sample():

@@ -11,6 +11,7 @@ import pytest
 from memory_cases import load_case, load_memory, rel_err
 from test_mac import load_fixture
 from titans_mlx import memory_frozen
+from titans_mlx.cache import memory_states
 from titans_mlx.memory_step import retrieve
 
 
@@ -67,9 +68,9 @@ def test_memory_frozen_restores_on_error_and_changes_a_mac():
     with memory_frozen(model):
         frozen = model(tokens, cache=cache)
     assert float(mx.max(mx.abs(frozen - learning))) > 1e-3  # the memory's writes mattered, and were off
-    for layer, c in zip(model.layers, cache):
+    for layer, state in zip(model.layers, memory_states(cache)):
         if layer.has_memory:
             initial = layer.mem.initial_state(tokens.shape[0])
-            for a, b in zip(c.memory_state.last_update, initial.last_update):
+            for a, b in zip(state.last_update, initial.last_update):
                 assert mx.array_equal(a, b)
     assert mx.array_equal(model(tokens), learning)  # writes again after the block

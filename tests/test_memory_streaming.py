@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from memory_cases import load_case, load_memory, rel_err
+from titans_mlx.cache import make_layer_cache, read_memory_state, write_memory_state
 from titans_mlx.memory import MemoryState
 
 TOL = 1e-5
@@ -68,14 +69,20 @@ def test_hypothesis_splits(sizes):
     assert rel_err(y, case["y"]) <= TOL
 
 
-def test_state_round_trips_through_safetensors(tmp_path):
+def test_state_round_trips_through_an_mlx_lm_prompt_cache_file(tmp_path):
+    # the state as a model's cache holds it (an mlx-lm ArraysCache), saved and rebuilt by mlx-lm's own functions
+    from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
     case = load_case("attention")  # the attention memory also carries its read window
     mem = load_memory(case)
     path = str(tmp_path / "state.safetensors")
 
     def roundtrip(state):
-        mx.save_safetensors(path, state.to_dict())
-        return MemoryState.from_dict(mx.load(path))
+        entry = make_layer_cache(1, len(mem.memory_model_parameters))[1]
+        write_memory_state(entry, state)
+        save_prompt_cache(path, [entry])
+        (loaded,) = load_prompt_cache(path)
+        return read_memory_state(loaded, state.seq_index + state.buffer.shape[-2])
 
     y, state = run_split(mem, case, [3, 9, 10], roundtrip=roundtrip)
     assert rel_err(y, case["y"]) <= TOL

@@ -65,20 +65,6 @@ def _pad_axis(x: mx.array, axis: int, before: int, after: int) -> mx.array:
     return mx.pad(x, widths)
 
 
-class AttentionCache:
-    """Keys (rotated) and values of the positions the next queries can still see."""
-
-    def __init__(self):
-        self.keys: Optional[mx.array] = None  # (b, h, n_cached, dh)
-        self.values: Optional[mx.array] = None
-        self.offset = 0  # global position of the first query of the next call
-
-    @property
-    def start(self) -> int:
-        n = 0 if self.keys is None else self.keys.shape[2]
-        return self.offset - n
-
-
 class SegmentedAttention(nn.Module):
     def __init__(
         self,
@@ -116,10 +102,14 @@ class SegmentedAttention(nn.Module):
         x: mx.array,
         start: int = 0,
         value_residual: Optional[mx.array] = None,
-        cache: Optional[AttentionCache] = None,
+        cache=None,
         output_gating: Optional[mx.array] = None,
     ) -> tuple[mx.array, mx.array]:
-        """x (b, n, dim) at global positions start..start+n-1 -> (out (b, n, dim), unmixed values (b, h, n, dh))."""
+        """x (b, n, dim) at global positions start..start+n-1 -> (out (b, n, dim), unmixed values (b, h, n, dh)).
+
+        cache: an mlx-lm ChunkedKVCache (see titans_mlx.cache), whose keys/values, offset and start_position this
+        sets itself: what stays visible is decided by the segment layout, not by a count of keys.
+        """
         if (value_residual is None) != ("to_learned_v_mix" not in self):
             raise ValueError("value_residual must be given exactly to layers after the first")
         b, n, _ = x.shape
@@ -139,12 +129,12 @@ class SegmentedAttention(nn.Module):
             if cache.keys is not None:
                 if cache.keys.shape[0] != b:
                     raise ValueError(f"cache was built for batch {cache.keys.shape[0]}, got batch {b}")
-                k_start = cache.start
+                k_start = cache.start_position
                 k = mx.concatenate([cache.keys, k], axis=2)
                 v = mx.concatenate([cache.values, v], axis=2)
             keep = self._first_needed(start + n) - k_start
             cache.keys, cache.values = k[:, :, keep:], v[:, :, keep:]
-            cache.offset = start + n
+            cache.start_position, cache.offset = k_start + keep, start + n
         elif start != 0:
             raise ValueError("a call that does not start at position 0 needs a cache")
 
@@ -157,6 +147,11 @@ class SegmentedAttention(nn.Module):
         if output_gating is not None:
             out = out * output_gating
         return out, orig_v
+
+    @property
+    def max_cached_keys(self) -> int:
+        # the keys a cache holds between calls: the current window, and with sliding attention the previous one
+        return self.window * (2 if self.sliding else 1)
 
     def _first_needed(self, next_start: int) -> int:
         # first key position that queries at positions >= next_start can see

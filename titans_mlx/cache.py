@@ -1,84 +1,100 @@
-"""Per-layer cache of the MAC transformer: attention keys/values of the visible window(s) + NeuralMemory state.
+"""The MAC transformer's cache, made of mlx-lm's own cache classes, so that mlx-lm's tools handle it as they are:
+``save_prompt_cache``/``load_prompt_cache`` (which rebuild classes by name from mlx_lm.models.cache), ``copy.deepcopy``
+and ``nbytes`` for the server's prompt cache, ``mx.eval([c.state for c in cache])`` between prefill blocks.
 
-Like mlx-lm's caches, each object exposes ``state`` (a flat dict of arrays) and ``meta_state`` (a tuple of strings),
-and ``from_state`` rebuilds it, so a whole cache (a list, one per layer) saves to one safetensors file.
+A flat list with two entries per layer (``model.make_cache()``):
+
+- ``ChunkedKVCache``: rotated keys and values of the positions the next queries can still see (the current window;
+  with sliding attention also the previous one). ``offset`` is the global position of the next query, positions
+  counting the interleaved long-term memory tokens; ``start_position`` is the position of the first cached key.
+  These are exactly ChunkedKVCache's fields; the attention sets them itself instead of calling ``update_and_fetch``,
+  because what stays visible is decided by segments, not by a count of keys.
+- ``ArraysCache``: the layer's NeuralMemory state, slots ``[buffer, read_context, *grad_point, *last_update,
+  *momentum]`` (unused slots None; a single None slot in a layer without memory). The memory's ``seq_index`` is
+  not stored: the memory has seen every position before ``offset``, so it is ``offset - len(buffer)``.
+
+Why these classes: mlx-lm's server batches requests when every cache entry has ``merge``, converting caches into
+left-padded batch caches; left padding would shift a sequence's segment layout and write padding into its memory.
+ChunkedKVCache has no ``merge``, so the server answers a Titans model's requests one at a time. CacheList (which has
+``merge``) is avoided for the same reason. A memory cannot be un-written: ArraysCache is not trimmable, so neither
+is the cache (``can_trim_prompt_cache`` is False) and mlx-lm never trims it.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
-from .attention import AttentionCache
+from mlx_lm.models.cache import ArraysCache, ChunkedKVCache
+
+from .memory import MemoryState
 
 
-class MACLayerCache:
-    def __init__(self):
-        self.attention = AttentionCache()
-        self.memory_state = None  # titans_mlx.memory.MemoryState, or None before the first call / without memory
-
-    @property
-    def offset(self) -> int:
-        """Positions (tokens and long-term memory tokens) processed so far."""
-        return self.attention.offset
-
-    @property
-    def state(self) -> dict:
-        out = {}
-        if self.attention.keys is not None:
-            out["keys"], out["values"] = self.attention.keys, self.attention.values
-        if self.memory_state is not None:
-            for k, v in self.memory_state.to_dict().items():
-                out[f"memory.{k}"] = v
-        return out
-
-    @property
-    def meta_state(self) -> tuple:
-        return (str(self.attention.offset),)
-
-    @classmethod
-    def from_state(cls, state: dict, meta_state: tuple) -> "MACLayerCache":
-        cache = cls()
-        try:
-            cache.attention.offset = int(meta_state[0])
-        except (IndexError, TypeError, ValueError):
-            raise ValueError(f"not a MAC layer cache: meta_state {meta_state!r}") from None
-        if ("keys" in state) != ("values" in state):
-            raise ValueError("not a MAC layer cache: keys and values must be saved together")
-        if "keys" in state:
-            cache.attention.keys, cache.attention.values = state["keys"], state["values"]
-        memory = {k[len("memory."):]: v for k, v in state.items() if k.startswith("memory.")}
-        if memory:
-            from .memory import MemoryState
-
-            cache.memory_state = MemoryState.from_dict(memory)
-        return cache
-
-    def nbytes(self) -> int:
-        return sum(v.nbytes for v in self.state.values())
+def make_layer_cache(max_keys: int, memory_tensors: int) -> list:
+    """The two cache entries of one layer; memory_tensors: its memory model's weight tensors (0: no memory)."""
+    return [ChunkedKVCache(max_keys), ArraysCache(2 + 3 * memory_tensors if memory_tensors else 1)]
 
 
-def cache_to_arrays(cache: list) -> tuple[dict, dict]:
-    """Flatten a list of layer caches to (arrays, metadata) for mx.save_safetensors."""
-    arrays, meta = {}, {"num_layers": str(len(cache))}
-    for i, c in enumerate(cache):
-        for k, v in c.state.items():
-            arrays[f"{i}.{k}"] = v
-        meta[f"{i}.meta_state"] = ",".join(c.meta_state)
-    return arrays, meta
+def read_memory_state(entry: ArraysCache, position: int) -> Optional[MemoryState]:
+    """The NeuralMemory state an ArraysCache holds (None before the layer's first call); position: positions seen."""
+    slots = entry.cache
+    if slots[0] is None:
+        return None
+    n = (len(slots) - 2) // 3
+    buffer, context = slots[0], slots[1]
+    momentum = slots[2 + 2 * n:]
+    return MemoryState(position - buffer.shape[-2], list(slots[2:2 + n]), list(slots[2 + n:2 + 2 * n]),
+                       None if momentum[0] is None else list(momentum), buffer, context)
 
 
-def cache_from_arrays(arrays: dict, meta: dict) -> list:
-    """Inverse of cache_to_arrays."""
-    try:
-        n = int(meta["num_layers"])
-    except (KeyError, ValueError):
-        raise ValueError("not a MAC cache: metadata lacks num_layers") from None
-    layers = []
-    for i in range(n):
-        prefix = f"{i}."
-        state = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-        meta_state: Optional[str] = meta.get(f"{i}.meta_state")
-        if meta_state is None:
-            raise ValueError(f"not a MAC cache: metadata lacks {i}.meta_state")
-        layers.append(MACLayerCache.from_state(state, tuple(meta_state.split(","))))
-    return layers
+def memory_states(cache: list) -> list:
+    """Each layer's NeuralMemory state in a model's cache (None: a layer without memory, or nothing read yet)."""
+    return [read_memory_state(memory, attention.offset) for attention, memory in zip(cache[0::2], cache[1::2])]
+
+
+def write_memory_state(entry: ArraysCache, state: MemoryState) -> None:
+    n = len(state.grad_point)
+    if len(entry.cache) != 2 + 3 * n:
+        raise ValueError(f"this cache entry holds {len(entry.cache)} slots, a memory state of {n} tensors needs "
+                         f"{2 + 3 * n}; use model.make_cache()")
+    entry.cache = [state.buffer, state.read_context, *state.grad_point, *state.last_update,
+                   *(state.momentum or [None] * n)]
+
+
+def check_cache(model, cache: list) -> None:
+    """Raise ValueError (one line) unless `cache` is a cache of this MAC model that its forward can continue.
+
+    For caches read from a file: a loaded cache gets its shapes from the file, and a wrong one would otherwise fail
+    deep inside the forward.
+    """
+    fresh = model.make_cache()
+    if not isinstance(cache, (list, tuple)) or len(cache) != len(fresh):
+        raise ValueError(f"the cache has {len(cache) if isinstance(cache, (list, tuple)) else 'no'} entries, this "
+                         f"model's has {len(fresh)} (two per layer)")
+    for i, (got, want) in enumerate(zip(cache, fresh)):
+        if type(got) is not type(want):
+            raise ValueError(f"cache entry {i} is a {type(got).__name__}, this model's is a {type(want).__name__}")
+        if isinstance(want, ArraysCache) and len(got.cache) != len(want.cache):
+            raise ValueError(f"cache entry {i} holds {len(got.cache)} arrays, this model's memory {len(want.cache)}")
+    offsets = {c.offset for c in cache[0::2]}
+    if len(offsets) != 1 or not all(isinstance(o, int) and o >= 0 for o in offsets):
+        raise ValueError(f"the layers' caches are at different positions {sorted(offsets)}")
+    position = offsets.pop()
+    for i, layer in enumerate(model.layers):
+        attention, memory = cache[2 * i], cache[2 * i + 1]
+        attn = layer.attn
+        if attention.keys is not None:
+            shape, want = tuple(attention.keys.shape), (attn.heads, attention.offset - attention.start_position,
+                                                        attn.dim_head)
+            if len(shape) != 4 or shape[1:] != want or tuple(attention.values.shape) != shape:
+                raise ValueError(f"layer {i + 1}: attention cache of shape {shape}, this model needs (batch, *{want})")
+        elif position:
+            raise ValueError(f"layer {i + 1}: the attention cache is empty at position {position}")
+        state = read_memory_state(memory, position) if layer.has_memory else None
+        if state is not None:
+            batch = state.buffer.shape[-3]
+            try:
+                layer.mem._check_state(state, batch)
+            except ValueError as e:
+                raise ValueError(f"layer {i + 1}: {e}") from None
+        elif layer.has_memory and position:
+            raise ValueError(f"layer {i + 1}: the memory state is missing at position {position}")

@@ -8,7 +8,8 @@ Flags, defaults and output follow ``mlx_lm.generate``. A long prompt is fed in b
 tokens aligned to the model's segments (the memory chunk), evaluating the cache and clearing MLX's buffer cache
 between blocks, so memory stays flat however long the document is. ``--save-state`` writes the whole session (the
 attention windows, the neural memories' weights and momentum, the logits of the next token, recent tokens and the
-position) to one safetensors file; ``--load-state`` continues exactly where it stopped.
+position) to one file, an mlx-lm prompt cache with titans_mlx's metadata (see titans_mlx.session); ``--load-state``
+continues exactly where it stopped.
 
 Library: ``stream_generate(model, tokenizer, prompt, **kw)`` yields mlx-lm ``GenerationResponse`` objects and
 ``generate(...)`` returns the text; ``GenerationState`` with ``save_state``/``load_state`` carries a session.
@@ -17,9 +18,6 @@ Library: ``stream_generate(model, tokenizer, prompt, **kw)`` yields mlx-lm ``Gen
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
-import json
 import signal
 import sys
 import time
@@ -29,7 +27,8 @@ from typing import Callable, Generator, List, Optional, Sequence, Union
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+
+from .session import HISTORY, GenerationError, GenerationState, load_state, save_state
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "demo_model"
 DEFAULT_PROMPT = "hello"
@@ -39,133 +38,6 @@ DEFAULT_TOP_P = 1.0
 DEFAULT_MIN_P = 0.0
 DEFAULT_TOP_K = 0
 DEFAULT_PREFILL_STEP_SIZE = 2048
-DEFAULT_HISTORY = 1024  # recent tokens kept in a session, for logits processors (repetition penalty etc.)
-
-STATE_FORMAT = "titans-mlx-state"
-STATE_VERSION = "1"
-
-
-class GenerationError(ValueError):
-    """A user error: the CLI prints its message as one line and exits non-zero."""
-
-
-# ---- sessions --------------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class GenerationState:
-    """Everything needed to continue a text: the model cache, the next token's logits and the position.
-
-    Attributes:
-        cache: the model's cache (``model.make_cache()``), updated in place by generation.
-        tokens: number of tokens processed so far.
-        logits: raw logits (1, vocab) for the token after the last processed one; None before any token.
-        history: the last ``DEFAULT_HISTORY`` processed tokens (what logits processors look at).
-    """
-
-    cache: list
-    tokens: int = 0
-    logits: Optional[mx.array] = None
-    history: List[int] = dataclasses.field(default_factory=list)
-
-    @classmethod
-    def new(cls, model: nn.Module) -> "GenerationState":
-        return cls(cache=make_cache(model))
-
-
-def make_cache(model: nn.Module) -> list:
-    if hasattr(model, "make_cache"):
-        return model.make_cache()
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return make_prompt_cache(model)
-
-
-def model_identity(model: nn.Module) -> str:
-    """sha256 of the model's config and weights (names, dtypes, shapes, bytes): what a state file belongs to."""
-    h = hashlib.sha256()
-    args = getattr(model, "args", None)
-    if dataclasses.is_dataclass(args):
-        h.update(json.dumps(dataclasses.asdict(args), sort_keys=True, default=str).encode())
-    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
-        value = mx.contiguous(value)
-        mx.eval(value)
-        h.update(f"{name}|{value.dtype}|{tuple(value.shape)}|".encode())
-        h.update(memoryview(value))
-    return h.hexdigest()
-
-
-def tokenizer_identity(tokenizer) -> str:
-    inner = getattr(tokenizer, "_tokenizer", tokenizer)  # an mlx-lm TokenizerWrapper
-    return f"{type(inner).__name__}(vocab={len(inner)}, eos={getattr(inner, 'eos_token_id', None)})"
-
-
-def save_state(path, state: GenerationState, model: nn.Module, tokenizer=None) -> None:
-    """Write a session to one safetensors file (arrays + metadata naming the model, tokenizer and position)."""
-    from .cache import cache_to_arrays
-
-    if not state.cache or not hasattr(state.cache[0], "meta_state") or not hasattr(type(state.cache[0]), "from_state"):
-        raise GenerationError("this model's cache cannot be saved (no state/meta_state/from_state)")
-    arrays, meta = cache_to_arrays(state.cache)
-    out = {f"cache.{k}": v for k, v in arrays.items()}
-    metadata = {f"cache.{k}": v for k, v in meta.items()}
-    if state.logits is not None:
-        out["logits"] = state.logits.astype(mx.float32)
-    out["history"] = mx.array(state.history, dtype=mx.int32)
-    metadata.update(
-        format=STATE_FORMAT,
-        version=STATE_VERSION,
-        model_id=model_identity(model),
-        model_type=str(getattr(model, "model_type", type(model).__name__)),
-        tokenizer=tokenizer_identity(tokenizer) if tokenizer is not None else "",
-        tokens=str(state.tokens),
-    )
-    path = str(path)
-    if not path.endswith(".safetensors"):
-        raise GenerationError(f"--save-state {path}: the file name must end in .safetensors")
-    mx.eval(out)
-    mx.save_safetensors(path, out, metadata=metadata)
-
-
-def load_state(path, model: nn.Module, tokenizer=None) -> GenerationState:
-    """Read a session written by ``save_state``; refuses a file saved from another model or tokenizer."""
-    from .cache import cache_from_arrays
-
-    path = Path(path)
-    if not path.is_file():
-        raise GenerationError(f"state file {path} does not exist")
-    try:
-        arrays, metadata = mx.load(str(path), return_metadata=True)
-    except Exception:
-        raise GenerationError(f"{path} is not a safetensors state file") from None
-    if metadata.get("format") != STATE_FORMAT:
-        raise GenerationError(f"{path} is not a titans-mlx state file (no format={STATE_FORMAT} in its metadata)")
-    if metadata.get("version") != STATE_VERSION:
-        raise GenerationError(f"{path}: state file version {metadata.get('version')!r} is not supported")
-    mine = model_identity(model)
-    if metadata.get("model_id") != mine:
-        raise GenerationError(
-            f"{path} was saved from another model (model id {metadata.get('model_id', '?')[:12]}, "
-            f"this model {mine[:12]}); load it with the model that wrote it"
-        )
-    if tokenizer is not None and metadata.get("tokenizer") and metadata["tokenizer"] != tokenizer_identity(tokenizer):
-        raise GenerationError(
-            f"{path} was saved with another tokenizer ({metadata['tokenizer']}, this one {tokenizer_identity(tokenizer)})"
-        )
-    try:
-        cache = cache_from_arrays(
-            {k[6:]: v for k, v in arrays.items() if k.startswith("cache.")},
-            {k[6:]: v for k, v in metadata.items() if k.startswith("cache.")},
-        )
-        tokens = int(metadata["tokens"])
-    except (ValueError, KeyError) as e:
-        raise GenerationError(f"{path}: damaged state file ({e})") from None
-    if len(cache) != len(make_cache(model)):
-        raise GenerationError(f"{path}: the state has {len(cache)} layers, the model {len(make_cache(model))}")
-    logits = arrays.get("logits")
-    history = arrays["history"].tolist() if "history" in arrays else []
-    return GenerationState(cache=cache, tokens=tokens, logits=logits, history=history)
-
 
 # ---- generation ------------------------------------------------------------------------------------------------------
 
@@ -193,6 +65,10 @@ def generate_step(
     Every yielded token has been fed to the model already, so ``state`` is complete whenever the generator is
     paused or closed: saving it then and continuing later equals one uninterrupted run. ``max_tokens`` 0 only
     processes the prompt; -1 never stops.
+
+    Ours rather than mlx-lm's for two differences: the session keeps the next token's raw logits (mlx-lm's keeps them
+    inside the generator), so a saved session continues with an empty prompt, logits processors included; and prompt
+    blocks end on segment boundaries, so each block stores whole memory chunks.
     """
     from mlx_lm.generate import generation_stream
     from mlx_lm.sample_utils import make_sampler
@@ -223,7 +99,7 @@ def generate_step(
         return sampler(logprobs), logprobs.squeeze(0)
 
     def record(tokens: List[int]):
-        state.history = (state.history + tokens)[-DEFAULT_HISTORY:]
+        state.history = (state.history + tokens)[-HISTORY:]
 
     with mx.stream(generation_stream):
         total, done = len(prompt), 0
@@ -356,6 +232,7 @@ def generate(model: nn.Module, tokenizer, prompt, verbose: bool = False, **kwarg
 
 
 def _print_stats(response, file=None):
+    # mlx-lm's three stats lines, which its generate() prints inline (there is no function of its to call)
     file = file or sys.stdout
     print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {response.generation_tokens} tokens, {response.generation_tps:.3f} tokens-per-sec", file=file)
@@ -366,6 +243,7 @@ def _print_stats(response, file=None):
 
 
 def str2bool(value: str) -> bool:
+    # not mlx_lm.generate.str2bool, which reads every string but "false"/"f" as true (`--verbose no` would be true)
     v = value.lower()
     if v in ("true", "1", "yes", "y", "on"):
         return True
@@ -520,7 +398,9 @@ def main(argv=None) -> int:
         model, tokenizer = _load_model(args.model)
         state = load_state(args.load_state, model, tokenizer) if args.load_state else GenerationState.new(model)
         if not prompt and state.logits is None:
-            raise GenerationError("the prompt is empty")
+            raise GenerationError(f"the prompt is empty and {args.load_state} holds no next-token logits (a plain "
+                                  "mlx-lm prompt cache): give a prompt to continue it" if args.load_state else
+                                  "the prompt is empty")
     except GenerationError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -570,7 +450,7 @@ def main(argv=None) -> int:
         _print_stats(last)
     if args.save_state:
         try:
-            save_state(args.save_state, state, model, tokenizer)
+            save_state(args.save_state, state, model, tokenizer, model_path=args.model or DEFAULT_MODEL)
         except (GenerationError, OSError) as e:
             print(f"error: cannot save state to {args.save_state}: {e}", file=sys.stderr)
             return 1

@@ -1,4 +1,5 @@
-"""Model directories: `config.json`, `model.safetensors` (or shards + index, as mlx-lm) and a tokenizer.
+"""Model directories: `config.json`, `model.safetensors` (or shards + index, as mlx-lm), a tokenizer and, for
+mlx-lm's loader, `titans_model.py` (see MLX_LM_MODEL_FILE).
 
     model, tokenizer = load("path/to/model")        # strict: every weight present, nothing left over
     save_model("path/to/out", model, config, tokenizer)
@@ -22,6 +23,13 @@ from .tokenizer import SPM_FILE, TOKENIZER_JSON, load_tokenizer
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 << 30  # as mlx-lm
+# mlx-lm's load_model runs `config["model_file"]` from the directory (with trust_remote_code) for model types it does
+# not know; ours only imports the package's classes. We never run it: `load` builds from model_type.
+MLX_LM_MODEL_FILE = "titans_model.py"
+# what save_model adds to config.json for mlx-lm; not model arguments (ModelArgs.from_dict drops them)
+MLX_LM_CONFIG_KEYS = ("model_file", "eos_token_id")
+# mlx-lm's record of how the weights are packed (`quantize_model`): kept through config completion, read by `load`
+QUANTIZATION_KEYS = ("quantization", "quantization_config")
 
 
 def _build_mac(config: dict) -> nn.Module:
@@ -40,7 +48,7 @@ def _complete_mac(config: dict) -> dict:
 
 
 def _memory_kwargs(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k != "model_type"}
+    return {k: v for k, v in config.items() if k != "model_type" and k not in QUANTIZATION_KEYS}
 
 
 def _build_memory(config: dict) -> nn.Module:
@@ -63,14 +71,19 @@ def _complete_memory(config: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ModelType:
-    """How to build a model of one `model_type` and how to write its full config."""
+    """How to build a model of one `model_type` and how to write its full config.
+
+    `mlx_lm_module`: the module with the `Model` and `ModelArgs` mlx-lm should build (see `MLX_LM_MODEL_FILE`),
+    or None where mlx-lm has no use for the model.
+    """
 
     build: Callable[[dict], nn.Module]
     complete: Callable[[dict], dict]
+    mlx_lm_module: Optional[str] = None
 
 
 MODEL_TYPES: Dict[str, ModelType] = {
-    "titans_mac": ModelType(_build_mac, _complete_mac),
+    "titans_mac": ModelType(_build_mac, _complete_mac, "titans_mlx.mac"),
     "titans_neural_memory": ModelType(_build_memory, _complete_memory),
 }
 
@@ -89,7 +102,9 @@ def build_model(config: dict) -> nn.Module:
 
 def complete_config(config: dict) -> dict:
     """The config with every default filled in: what `config.json` holds."""
-    return model_type_of(config).complete(config)
+    full = model_type_of(config).complete(config)
+    full.update({k: config[k] for k in QUANTIZATION_KEYS if k in config})
+    return full
 
 
 def _jsonable(value):
@@ -171,6 +186,9 @@ def save_model(
 ) -> Path:
     """Write a model directory atomically: it appears complete or not at all.
 
+    A model mlx-lm can run (titans_mac) also gets `titans_model.py`, named by config.json's `model_file`, and the
+    tokenizer's EOS id as config.json's `eos_token_id`: what `mlx_lm.load(..., trust_remote_code=True)` reads.
+
     Args:
         path: the directory to create.
         model: the model whose parameters are saved.
@@ -190,7 +208,13 @@ def save_model(
             raise FileExistsError(f"{path} already exists (use --force / overwrite=True to replace it)")
         if not is_model_dir(path):
             raise FileExistsError(f"{path} exists and is not a model directory; refusing to replace it")
+    kind = model_type_of(config)
     full = _jsonable(complete_config(config))
+    if kind.mlx_lm_module is not None:
+        full["model_file"] = MLX_LM_MODEL_FILE
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            # mlx-lm stops on it (a byte tokenizer's EOS reaches mlx-lm no other way, see ByteTokenizer.save)
+            full["eos_token_id"] = tokenizer.eos_token_id
     weights = dict(tree_flatten(model.parameters()))
     wide = sorted(k for k, v in weights.items() if v.dtype == mx.float64)
     if wide:  # MLX's safetensors writer has no float64
@@ -202,6 +226,8 @@ def save_model(
     try:
         _write_weights(tmp, weights, max_shard_bytes)
         (tmp / CONFIG_FILE).write_text(json.dumps(full, indent=4, sort_keys=True) + "\n")
+        if kind.mlx_lm_module is not None:
+            (tmp / MLX_LM_MODEL_FILE).write_text(_mlx_lm_model_file(config["model_type"], kind.mlx_lm_module))
         if tokenizer is not None:
             tokenizer.save(tmp)
         os.chmod(tmp, 0o755 & ~_umask())
@@ -216,6 +242,21 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _mlx_lm_model_file(model_type: str, module: str) -> str:
+    return f'''"""mlx-lm's entry point for this {model_type} model directory, written by titans_mlx.io.save_model.
+
+config.json names this file ("model_file"), so mlx-lm builds the model with the classes imported below:
+
+    python -m mlx_lm generate --model DIR --trust-remote-code --prompt "..."
+
+It only imports them from the titans-mlx package, which must be installed where mlx-lm runs (`pip install -e .`
+in the titans-mlx repository). titans_mlx.load never runs this file; it builds the model from model_type.
+"""
+
+from {module} import Model, ModelArgs  # noqa: F401
+'''
 
 
 def _umask() -> int:
@@ -261,6 +302,25 @@ def load_config(path) -> dict:
     return config
 
 
+def _quantize(model: nn.Module, quantization: dict, weights: Dict[str, mx.array], source: str) -> None:
+    """Swap in quantized layers where the weights are packed, as mlx-lm's load_model does: the per-layer settings
+    `quantize_model` recorded in config["quantization"], else those inferred from a layer's packed weights."""
+    from mlx_lm.utils import infer_quant_config
+
+    if not isinstance(quantization, dict) or not {"group_size", "bits"} <= set(quantization):
+        raise ValueError(f"{source}: config.json's quantization must give group_size and bits, got {quantization!r}")
+
+    def predicate(path, module):
+        if isinstance(quantization.get(path), dict):
+            return dict(quantization[path])  # a copy: nn.quantize may edit it
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights or f"{path}.weight" not in weights:
+            return False  # not packed (check_weights names any stray scales)
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, quantization["group_size"], quantization["bits"], mode=quantization.get("mode", "affine"),
+                class_predicate=predicate)
+
+
 def load(path, lazy: bool = False) -> Tuple[nn.Module, Optional[object]]:
     """Load a model directory written by `python -m convert` or `save_model`.
 
@@ -285,6 +345,8 @@ def load(path, lazy: bool = False) -> Tuple[nn.Module, Optional[object]]:
     weights = _read_weights(path)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
+    if config.get("quantization") is not None:
+        _quantize(model, config["quantization"], weights, str(path))
     check_weights(model, weights, source=str(path))
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:

@@ -23,7 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .attention import RMSNorm, SegmentedAttention, wide
-from .cache import MACLayerCache
+from .cache import make_layer_cache, read_memory_state, write_memory_state
 
 
 @dataclass
@@ -188,6 +188,7 @@ class MACLayer(nn.Module):
     def __call__(self, x, start: int, cache=None, value_residual=None, prev_weights=None, views: list = ()):
         """One layer on x (b, L, d) or streams (b, L, s, d) at positions start..start+L-1.
 
+        cache: this layer's [attention ChunkedKVCache, memory ArraysCache] (see titans_mlx.cache), or None.
         value_residual: the first layer's attention values (None in the first layer); prev_weights: the previous
         memory layer's weights per chunk (weight residual); views: every earlier layer's attn in/out and ff in/out
         (qkv views). Returns (x, this layer's attention values, this memory's weights per chunk or prev_weights,
@@ -200,21 +201,20 @@ class MACLayer(nn.Module):
                 qkv = self.mem_qkv_selector(mem_in, [mem_in, *views])
             else:
                 qkv = mx.stack([mem_in, mem_in, mem_in])
-            state = cache.memory_state if cache is not None else None
+            state = read_memory_state(cache[1], start) if cache is not None else None
             if self.chain_weights:  # the next memory layer mixes these weights into its own (weight residual)
                 retrieved, state, prev_weights = self.mem(qkv, state, prev_weights, return_updates=True)
             else:
                 retrieved, state = self.mem(qkv, state)
             if cache is not None:
-                cache.memory_state = state
+                write_memory_state(cache[1], state)
             if self.gate_attn_output:
                 gates = mx.sigmoid(retrieved)
             else:
                 x = add_mem(retrieved)
 
         attn_in, add_attn = self._hc("attn_hyper_conn")(x)
-        attn_out, values = self.attn(attn_in, start, value_residual, cache.attention if cache is not None else None,
-                                     gates)
+        attn_out, values = self.attn(attn_in, start, value_residual, cache[0] if cache is not None else None, gates)
         x = add_attn(attn_out)
         ff_in, add_ff = self._hc("ff_hyper_conn")(x)
         ff_out = self.ff(ff_in)
@@ -275,7 +275,12 @@ class Model(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------------------------
 
     def make_cache(self) -> list:
-        return [MACLayerCache() for _ in self.layers]
+        """An empty cache: two mlx-lm cache entries per layer (attention window, memory state); see titans_mlx.cache."""
+        cache = []
+        for layer in self.layers:
+            cache += make_layer_cache(layer.attn.max_cached_keys,
+                                      len(layer.mem.memory_model_parameters) if layer.has_memory else 0)
+        return cache
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
         """Token ids (b, n) -> logits (b, n, num_tokens); with a cache from make_cache(), continues the sequence."""
@@ -283,14 +288,15 @@ class Model(nn.Module):
             inputs = mx.array(np.asarray(inputs))
         if inputs.ndim != 2:
             raise ValueError(f"inputs must be token ids of shape (batch, n), got shape {tuple(inputs.shape)}")
-        if cache is not None and len(cache) != len(self.layers):
-            raise ValueError(f"cache has {len(cache)} layers, the model has {len(self.layers)}; use model.make_cache()")
+        if cache is not None and len(cache) != 2 * len(self.layers):
+            raise ValueError(f"cache has {len(cache)} entries, the model needs {2 * len(self.layers)} (two per layer); "
+                             "use model.make_cache()")
         b, n = inputs.shape
         start = cache[0].offset if cache is not None else 0
         seen = self._tokens_before(start)
         stop = self.positions_for(seen + n)
         if n == 0:
-            return mx.zeros((b, 0, self.args.num_tokens), self.to_logits.weight.dtype)
+            return mx.zeros((b, 0, self.args.num_tokens), self.norm.weight.dtype)  # norm: never quantized
 
         tokens = self.token_emb(inputs)
         index, token_positions = self._layout(start, stop, n)
@@ -309,8 +315,8 @@ class Model(nn.Module):
             run = layer
             if self.checkpoint_layers and cache is None:
                 run = _checkpointed(layer)
-            x, values, prev_weights, views = run(x, start, cache[i] if cache is not None else None, value_residual,
-                                                 prev_weights, views)
+            layer_cache = cache[2 * i:2 * i + 2] if cache is not None else None
+            x, values, prev_weights, views = run(x, start, layer_cache, value_residual, prev_weights, views)
             value_residual = values if value_residual is None else value_residual
 
         if streams > 1:
@@ -342,6 +348,22 @@ class Model(nn.Module):
         from .memory import NeuralMemory
 
         return NeuralMemory.cast_predicate(key)
+
+    @staticmethod
+    def quant_predicate(path: str, module: nn.Module):
+        """How mlx-lm's ``quantize_model`` (``convert -q``) may quantize a layer: True (the requested bits), a dict of
+        settings, or False (unquantized). The axial positional MLPs stay unquantized (fed raw positions, up to the
+        thousands, where a weight's rounding error grows with the input); each NeuralMemory decides for its own layers;
+        the value-residual mix and the qkv-view selector, small mixing weights, go to 8 bits."""
+        from .memory import NeuralMemory, eight_bits
+
+        if not hasattr(module, "to_quantized") or path.startswith("axial_pos_emb."):
+            return False
+        if ".mem." in path:
+            return NeuralMemory.quant_predicate(path.split(".mem.", 1)[1], module)
+        if path.endswith((".attn.to_learned_v_mix", ".mem_qkv_selector.proj")):
+            return eight_bits(module)
+        return True
 
     def sanitize(self, weights: dict) -> dict:
         """titans-pytorch ``MemoryAsContextTransformer`` state-dict names -> ours (idempotent)."""

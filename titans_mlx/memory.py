@@ -30,7 +30,8 @@ MAX_BLOCK_CHUNKS = 64
 
 @dataclass
 class MemoryState:
-    """What carries between calls: plain arrays and one int, saved with ``to_dict``/``from_dict``.
+    """What carries between calls: plain arrays and one int (a model's cache keeps it in an mlx-lm ArraysCache, see
+    titans_mlx.cache).
 
     seq_index: tokens already stored as complete chunks; grad_point: the weights gradients are taken at (the
     learned initial weights, or the latest weights at the last TTT mini-batch boundary); last_update: the current
@@ -46,27 +47,6 @@ class MemoryState:
     momentum: Optional[list]
     buffer: mx.array
     read_context: Optional[mx.array] = None
-
-    def to_dict(self) -> dict:
-        d = {"seq_index": mx.array(self.seq_index, dtype=mx.int64), "buffer": self.buffer}
-        if self.read_context is not None:
-            d["read_context"] = self.read_context
-        for name in ("grad_point", "last_update", "momentum"):
-            for i, a in enumerate(getattr(self, name) or []):
-                d[f"{name}.{i}"] = a
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MemoryState":
-        def group(name):
-            items = sorted((int(k.split(".")[1]), v) for k, v in d.items() if k.startswith(name + "."))
-            return [v for _, v in items] or None
-
-        try:
-            return cls(int(d["seq_index"].item()), group("grad_point"), group("last_update"), group("momentum"),
-                       d["buffer"], d.get("read_context"))
-        except KeyError as e:
-            raise ValueError(f"not a NeuralMemory state: missing {e}") from None
 
     def detach(self) -> "MemoryState":
         sg = lambda xs: None if xs is None else [mx.stop_gradient(x) for x in xs]
@@ -93,6 +73,23 @@ class _AttentionPool(nn.Module):
         self.to_attn_logits = nn.Linear(dim, dim)
         self.to_attn_logits.weight = mx.zeros((dim, dim))
         self.to_attn_logits.bias = mx.zeros((dim,))
+
+
+# projections whose few outputs (one per head) set how the memory writes: step size, decay, momentum and its mixing,
+# per-layer learning rates, weight-residual mix, the heads' read gate. They stay unquantized (a few KB): an error in
+# them changes every write, and the memory carries it through the rest of the document.
+GATES = ("to_adaptive_step", "to_decay_factor", "to_momentum", "to_learned_momentum_combine", "to_layer_modulation",
+         "to_learned_weight_residual_mix", "retrieve_gate")
+
+
+def eight_bits(module: nn.Module):
+    """Quantization settings for a layer that must stay precise: 8 bits (as mlx-lm keeps MoE routers), in groups of
+    64 or 32 inputs; False (unquantized) when neither divides its input width."""
+    width = module.weight.shape[-1]
+    for group_size in (64, 32):
+        if width % group_size == 0:
+            return {"group_size": group_size, "bits": 8}
+    return False
 
 
 _COMPILED: dict = {}
@@ -243,6 +240,35 @@ class NeuralMemory(nn.Module):
         return "memory_model_parameters" not in key
 
     @staticmethod
+    def quant_predicate(path: str, module: nn.Module):
+        """mlx-lm's ``quantize_model`` hook (``convert -q``), path relative to this memory: the gates stay
+        unquantized, the attention pool's logits go to 8 bits, the query/key/value/head projections take the requested
+        bits. The fast weights (``memory_model_parameters``) are plain arrays, which quantization never touches."""
+        name = path.split(".")[0]
+        if not hasattr(module, "to_quantized") or name in GATES:
+            return False
+        if name == "reduce_to_chunk_rep":
+            return eight_bits(module)
+        return True
+
+    def _dense_parameters(self) -> dict:
+        """The parameters the store/retrieve step computes with (not the fast weights nor the transition gate), every
+        projection as a plain ``weight``/``bias``: the one place a quantized projection is dequantized, since the
+        compiled step multiplies by these weights itself instead of calling the layers."""
+        params = {k: v for k, v in self.parameters().items() if k not in ("memory_model_parameters", "transition_gate")}
+        for path, module in self.named_modules():
+            if isinstance(module, nn.QuantizedLinear):
+                *parents, name = path.split(".")
+                node = params
+                for parent in parents:
+                    node = node[parent]
+                node[name] = {"weight": mx.dequantize(module.weight, module.scales, module.get("biases"),
+                                                      module.group_size, module.bits, mode=module.mode)}
+                if "bias" in module:
+                    node[name]["bias"] = module.bias
+        return params
+
+    @staticmethod
     def sanitize(weights: dict) -> dict:
         """titans-pytorch state-dict names -> ours. Drops the ``memory_model.*`` templates (they alias
         ``memory_model_parameters.*``, the tensors the forward uses) and unwraps ``Sequential`` indices."""
@@ -374,8 +400,7 @@ class NeuralMemory(nn.Module):
         # tokens before position seq_index + C - 1 read the memory as it stands now; the rest read it in windows of
         # C tokens, window j after the j-th chunk completed in this call
         head = min(m, max(0, state.seq_index + C - 1 - p))
-        params = {k: v for k, v in self.parameters().items() if k not in ("memory_model_parameters", "transition_gate")}
-        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), params)
+        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), self._dense_parameters())
         outputs = []
         context = state.read_context
         if context is not None:  # the window's earlier tokens are part of what a cross-token memory reads

@@ -5,6 +5,9 @@ Both give the small surface mlx-lm's generation code expects of a tokenizer (`en
 accepts them as they are; `tokenizer.detokenizer` is a streaming detokenizer with mlx-lm's interface
 (`reset`, `add_token`, `finalize`, `text`, `tokens`, `last_segment`), and `to_mlx_lm(tokenizer)`
 wraps a tokenizer in mlx-lm's `TokenizerWrapper` with that detokenizer.
+
+`save(dir)` writes files that transformers' AutoTokenizer (so mlx-lm's own `load`) reads as well, giving the same
+ids: see `ByteTokenizer.save` and `SentencePieceTokenizer.save`.
 """
 
 import codecs
@@ -16,6 +19,68 @@ from typing import Dict, Iterable, List, Optional, Union
 TOKENIZER_JSON = "tokenizer.json"
 SPM_FILE = "tokenizer.model"
 SPM_CONFIG = "tokenizer_config.json"
+TOKENIZER_CONFIG = SPM_CONFIG  # both kinds write one, read by us and by transformers
+# transformers 5's generic tokenizer class (mlx-lm needs transformers >= 5): it loads a `tokenizers` file, or
+# builds one from a sentencepiece proto as it is (unigram or BPE, byte fallback, normalizer), unlike LlamaTokenizer
+HF_TOKENIZER_CLASS = "TokenizersBackend"
+
+
+def byte_tokenizer_json() -> dict:
+    """The Hugging Face `tokenizers` file of ByteTokenizer: each byte of the UTF-8 text is one id, its value.
+
+    A BPE model whose vocabulary is only the 256 byte-fallback pieces <0x00>..<0xFF>, without merges: no character
+    is in the vocabulary, so byte fallback emits each character's UTF-8 bytes. No normalizer, pre-tokenizer or
+    post-processor: the text is not changed first and no BOS/EOS is added. The decoder is sentencepiece's without
+    the leading-space strip, so mlx-lm streams it with its SPMStreamingDetokenizer(trim_space=False): the bytes,
+    decoded as UTF-8, nothing dropped (it does turn a literal U+2581 into a space). A ByteLevel (GPT-2) decoder
+    would pick mlx-lm's BPE detokenizer instead, which drops a leading space of the output and turns byte 0 into
+    U+0100.
+    """
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [],
+        "normalizer": None,
+        "pre_tokenizer": None,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+        ]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": {f"<0x{i:02X}>": i for i in range(256)},
+            "merges": [],
+        },
+    }
+
+
+def _is_byte_tokenizer_json(content) -> bool:
+    want = byte_tokenizer_json()
+    if not isinstance(content, dict) or not isinstance(content.get("model"), dict):
+        return False
+    parts = ("added_tokens", "normalizer", "pre_tokenizer", "post_processor", "decoder")
+    if any(content.get(k) != want[k] for k in parts):
+        return False
+    return all(content["model"].get(k) == v for k, v in want["model"].items())
+
+
+def _read_json(file: Path):
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: invalid JSON ({e})") from None
+
+
 def _per_byte_replace(err: UnicodeDecodeError):
     # sentencepiece's rule: every byte of an invalid or cut-off sequence becomes one U+FFFD
     return "\ufffd" * (err.end - err.start), err.end
@@ -169,12 +234,19 @@ class ByteTokenizer(_TokenizerBase):
         return [f"<0x{i:02X}>" for i in ids]
 
     def save(self, path) -> None:
-        config = {"type": "bytes"}
+        """Write `tokenizer.json` (a `tokenizers` file, see `byte_tokenizer_json`) and `tokenizer_config.json`.
+
+        transformers (so mlx-lm) reads both; our settings are extra keys it ignores. The EOS byte is not given to
+        transformers as `eos_token`: a special token would also match its name ("<0x0A>") in the text; mlx-lm reads
+        it from config.json's `eos_token_id`, which `save_model` writes.
+        """
+        config = {"type": "bytes", "tokenizer_class": HF_TOKENIZER_CLASS, "clean_up_tokenization_spaces": False}
         if self.eos_token_id is not None:
             config["eos_token_id"] = self.eos_token_id
         if self.decode_mode != "utf-8":
             config["decode_mode"] = self.decode_mode
-        (Path(path) / TOKENIZER_JSON).write_text(json.dumps(config, indent=4) + "\n")
+        (Path(path) / TOKENIZER_JSON).write_text(json.dumps(byte_tokenizer_json(), indent=2) + "\n")
+        (Path(path) / TOKENIZER_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
 
 
 class SentencePieceTokenizer(_TokenizerBase):
@@ -251,9 +323,33 @@ class SentencePieceTokenizer(_TokenizerBase):
         return [self._sp.id_to_piece(i) for i in ids]
 
     def save(self, path) -> None:
-        shutil.copyfile(self.model_path, Path(path) / SPM_FILE)
-        config = {"type": "sentencepiece", "add_bos_token": self.add_bos_token}
-        (Path(path) / SPM_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
+        """Copy `tokenizer.model`; write `tokenizer_config.json` (read by us and by transformers) and, for mlx-lm,
+        `tokenizer.json`: the `tokenizers` file transformers builds from the model (we always read tokenizer.model).
+
+        mlx-lm picks its streaming detokenizer from tokenizer.json's decoder. Without the file it falls back to
+        one that re-decodes the text, which goes back and forth over runs of byte pieces and so repeats characters
+        in the stream; with it, byte-fallback models get its sentencepiece detokenizer.
+        """
+        from transformers import TokenizersBackend
+
+        path = Path(path)
+        shutil.copyfile(self.model_path, path / SPM_FILE)
+        sp = self._sp
+        unk = sp.id_to_piece(sp.unk_id()) if 0 <= sp.unk_id() < len(self) else None
+        config = {
+            "type": "sentencepiece",
+            "add_bos_token": self.add_bos_token,
+            # transformers' settings, as ours: BOS only when add_bos_token, never an EOS; null where the model has none
+            "add_eos_token": False,
+            "tokenizer_class": HF_TOKENIZER_CLASS,
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": unk,
+            "clean_up_tokenization_spaces": False,
+        }
+        (path / SPM_CONFIG).write_text(json.dumps(config, indent=4) + "\n")
+        (path / TOKENIZER_JSON).unlink(missing_ok=True)  # transformers would read a stale one, not tokenizer.model
+        TokenizersBackend.from_pretrained(str(path)).backend_tokenizer.save(str(path / TOKENIZER_JSON))
 
 
 def _normalizer_spec(path: Path) -> dict:
@@ -279,6 +375,9 @@ Tokenizer = Union[ByteTokenizer, SentencePieceTokenizer]
 def load_tokenizer(path) -> Tokenizer:
     """Load the tokenizer of a model directory (`tokenizer.model` or `tokenizer.json`).
 
+    A `tokenizer.json` is the byte tokenizer's `tokenizers` file (settings in `tokenizer_config.json`) or, as
+    written before that file, `{"type": "bytes", ...}` with the settings in it.
+
     Raises:
         ValueError: no tokenizer in the directory, or one this package does not know.
     """
@@ -286,16 +385,27 @@ def load_tokenizer(path) -> Tokenizer:
     if (path / SPM_FILE).exists():
         config = {}
         if (path / SPM_CONFIG).exists():
-            config = json.loads((path / SPM_CONFIG).read_text())
+            config = _read_json(path / SPM_CONFIG)
+            if not isinstance(config, dict):
+                raise ValueError(f"{path / SPM_CONFIG}: expected a JSON object")
         return SentencePieceTokenizer(path / SPM_FILE, add_bos_token=config.get("add_bos_token", False))
     if (path / TOKENIZER_JSON).exists():
+        file = path / TOKENIZER_JSON
+        content = _read_json(file)
+        if isinstance(content, dict) and content.get("type") == "bytes":
+            config = content
+        elif _is_byte_tokenizer_json(content):
+            file = path / TOKENIZER_CONFIG
+            config = _read_json(file) if file.exists() else {}
+            if not isinstance(config, dict) or config.get("type", "bytes") != "bytes":
+                raise ValueError(f"{file}: not the config of a byte tokenizer (expected \"type\": \"bytes\")")
+        else:
+            raise ValueError(f"{file}: not a titans-mlx tokenizer (expected the byte tokenizer's tokenizers file "
+                             f"that save_model writes, or {{\"type\": \"bytes\"}})")
         try:
-            config = json.loads((path / TOKENIZER_JSON).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path / TOKENIZER_JSON}: invalid JSON ({e})") from None
-        if isinstance(config, dict) and config.get("type") == "bytes":
             return ByteTokenizer(config.get("eos_token_id"), config.get("decode_mode", "utf-8"))
-        raise ValueError(f"{path / TOKENIZER_JSON}: not a titans-mlx tokenizer (expected {{\"type\": \"bytes\"}})")
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
     raise ValueError(f"{path}: no tokenizer ({SPM_FILE} or {TOKENIZER_JSON})")
 
 

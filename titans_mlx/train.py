@@ -132,7 +132,8 @@ def fit(run: Run) -> int:
     """Train from run.start_step to --iters; returns the exit status (0, 1 on a NaN loss, 130 on Ctrl-C)."""
     from tqdm import tqdm
 
-    from .generate import _ctrl_c, tokenizer_identity
+    from .generate import _ctrl_c
+    from .session import tokenizer_identity
 
     args, model, optimizer, world = run.args, run.model, run.optimizer, run.world
     rank, size = world.rank(), world.size()

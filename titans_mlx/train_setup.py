@@ -93,7 +93,9 @@ def _read_config(path: str) -> dict:
         raise TrainError(f"--config {path}: model_type {config['model_type']!r} cannot be trained as a language "
                          "model (only 'titans_mac')")
     # ModelArgs.from_dict drops unknown keys; a misspelt option would silently train another model
-    unknown = sorted(set(config) - set(inspect.signature(ModelArgs).parameters))
+    from .io import MLX_LM_CONFIG_KEYS  # what a model dir's config.json adds for mlx-lm, so it can be fed back in
+
+    unknown = sorted(set(config) - set(inspect.signature(ModelArgs).parameters) - set(MLX_LM_CONFIG_KEYS))
     if unknown:
         raise TrainError(f"--config {path}: {unknown[0]!r} is not a MemoryAsContextTransformer argument")
     return config
@@ -125,6 +127,8 @@ def _load(path, what: str):
         raise TrainError(f"{what} {path}: cannot load the model ({reason})") from None
     if not hasattr(model, "loss"):
         raise TrainError(f"{what} {path}: a {config.get('model_type')} is not a language model this trainer can train")
+    if "quantization" in config:  # quantized layers are frozen: only the float parameters would train
+        raise TrainError(f"{what} {path}: the model is quantized; train the float model and quantize afterwards")
     return model, config, tokenizer
 
 
@@ -174,7 +178,7 @@ def run_settings(args) -> dict:
 
 
 def _check_resume(meta: dict, config: dict, args, corpus: Corpus, tokenizer) -> None:
-    from .generate import tokenizer_identity
+    from .session import tokenizer_identity
 
     out = args.out
     saved = meta.get("config", {})
