@@ -161,3 +161,27 @@ def test_train_smoke(tmp_path):
     assert probe["newton_schulz_forward_flops"] > 0 and probe["efficiency_forward_backward"] > 0
     md = (tmp_path / "smoke.md").read_text()
     assert "| tiny | titans_mlx |" in md
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "grpc"], "--modes"),
+    (["--tokens", "0"], "--tokens"),
+    (["--follow-ups", "0"], "--follow-ups"),
+    (["--model", "/nonexistent/model"], "--model"),
+])
+def test_serve_user_errors_are_one_line(tmp_path, args, message):
+    r = _bench("serve", "--out", str(tmp_path), *args)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_smoke(tmp_path):
+    # a real mlx_lm.server on the bundled model: the follow-up is served from the first turn's cached state
+    r = _bench("serve", "--tokens", "200", "--follow-ups", "1", "--max-tokens", "2", "--modes", "completions",
+               "--out", str(tmp_path), "--name", "s")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "s.json").read_text())
+    (s,) = doc["summary"]
+    assert s["first_prompt_tokens"] == 200 and s["follow_up_cached_tokens"] == [202]
+    assert doc["cache_bytes"] > 0 and (tmp_path / "s.md").exists()

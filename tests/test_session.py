@@ -13,21 +13,10 @@ import numpy as np
 import pytest
 from mlx_lm.models import cache as mlx_lm_cache
 
-from test_generate import PROMPT, make_model, run
+from test_generate import PROMPT, make_model, model, run, tok  # noqa: F401 (model, tok: its fixtures)
 from test_half_precision import cast
 from titans_mlx.cache import check_cache, memory_states
 from titans_mlx.session import GenerationError, GenerationState, load_state, save_state
-from titans_mlx.tokenizer import ByteTokenizer
-
-
-@pytest.fixture(scope="module")
-def model():
-    return make_model()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return ByteTokenizer()
 
 
 def test_cache_is_made_of_mlx_lm_classes_that_the_server_serves_one_at_a_time(model):

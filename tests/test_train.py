@@ -270,6 +270,11 @@ def _bad_cases(files, tmp: Path, trained: Path):
     model_dir = tmp / "bytes_model"
     mx.random.seed(0)
     save_model(model_dir, Model(ModelArgs.from_dict(CONFIG)), {**CONFIG, "model_type": "titans_mac"}, ByteTokenizer())
+    from mlx_lm.utils import quantize_model
+
+    quantized, qconfig = quantize_model(Model(ModelArgs.from_dict(CONFIG)), {**CONFIG, "model_type": "titans_mac"},
+                                        32, 8)
+    save_model(tmp / "quantized", quantized, qconfig, ByteTokenizer())
     not_model = tmp / "not_model"
     not_model.mkdir()
     (not_model / "keep.txt").write_text("mine")
@@ -287,6 +292,7 @@ def _bad_cases(files, tmp: Path, trained: Path):
         "config not JSON": (["--config", str(tmp / "not_json.json")], "invalid JSON"),
         "tokenizer larger than the model": (["--config", str(tmp / "small_vocab.json")], "256 tokens"),
         "seq-len below one segment": (["--seq-len", "4"], "shorter than one segment"),
+        "quantized model": (["--model", str(tmp / "quantized")], "is quantized"),
         "tokenizer mismatch": (["--model", str(model_dir), "--tokenizer", str(spm)], "does not match the tokenizer"),
         "resume without OUT": (["--resume", "--out", str(tmp / "absent")], "does not exist"),
         "resume without state": (["--resume", "--out", str(model_dir)], "no saved training state"),
@@ -314,7 +320,7 @@ def _spm_model(tmp: Path) -> Path:
 
 BAD = ["missing data", "empty data file", "directory without text", "non-UTF-8 text", "jsonl without valid.jsonl",
        "malformed jsonl line", "unknown config key", "config that cannot build", "config not JSON",
-       "tokenizer larger than the model", "seq-len below one segment", "tokenizer mismatch", "resume without OUT",
+       "tokenizer larger than the model", "seq-len below one segment", "quantized model", "tokenizer mismatch", "resume without OUT",
        "resume without state", "resume from another config", "resume with another batch", "OUT holds a model",
        "force over a non-model dir", "resume and force"]
 

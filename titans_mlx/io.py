@@ -137,6 +137,8 @@ def check_weights(model: nn.Module, weights: Dict[str, mx.array], source: str = 
 
 
 def _write_weights(path: Path, weights: Dict[str, mx.array], max_shard_bytes: int) -> None:
+    # mlx_lm.utils.make_shards/save_model do this too, but in whole GiB (max_file_size_gb << 30) and always with an
+    # index; ours takes a size in bytes (the tests shard small models) and writes an index only for shards
     shards, shard, size = [], {}, 0
     for key in sorted(weights):
         nbytes = weights[key].nbytes
