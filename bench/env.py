@@ -192,15 +192,6 @@ def describe_blas(libs: list[str] | None, torch_blas_info: str | None = None) ->
     return os.path.basename(blas[0]) if blas else "none mapped"
 
 
-OPENBLAS_CANDIDATES = (
-    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
-    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
-    "/usr/lib64/libopenblas.so.0",
-    "/usr/lib/libopenblas.so.0",
-)
-
-
 def find_openblas() -> str | None:
     """Path of an OpenBLAS that exports the reference BLAS symbols (Debian: libopenblas0-pthread)."""
     if os.environ.get("TITANS_BENCH_OPENBLAS"):
@@ -212,12 +203,9 @@ def find_openblas() -> str | None:
                 return line
     except (OSError, subprocess.SubprocessError):
         pass
-    arch = platform.machine()
-    for cand in OPENBLAS_CANDIDATES:
-        path = cand.format(arch=arch)
-        if os.path.exists(path):
-            return path
-    return None
+    from titans_mlx.blas import find_openblas as installed  # the places the CLIs look, one list
+
+    return installed()
 
 
 # ---------------------------------------------------------------------------------------------- memory

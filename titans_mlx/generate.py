@@ -460,8 +460,10 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from .blas import run_cli
+
     try:
-        sys.exit(main())
+        sys.exit(run_cli("titans_mlx.generate", main))
     except KeyboardInterrupt:  # Ctrl-C while loading
         print("\n[interrupted]", file=sys.stderr)
         sys.exit(130)
