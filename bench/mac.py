@@ -55,6 +55,8 @@ def add_parser(sub, int_list):
     m.add_argument("--out", default=str(E.ROOT / "bench" / "results"))
     m.add_argument("--name", default=None, help="file stem (default mac_<blas>_d<depths>)")
     m.add_argument("--no-plot", action="store_true")
+    m.add_argument("--no-compile-decode", action="store_true",
+                   help="decode every token through the general forward, not the compiled step (titans_mlx.decode)")
     return m
 
 
@@ -85,14 +87,15 @@ def run_mac(args, argv, main) -> int:
            "config": {"depths": args.depths, "tg": args.tg, "impls": impls, "torch_max_depth": args.torch_max_depth,
                       "llama_max_depth": args.llama_max_depth,
                       "prefill_step": args.prefill_step, "threads": args.threads, "blas": args.blas,
-                      "seed": args.seed, "mac_config": cfg_mac, "llama_config": llama_config(cfg_mac)},
+                      "seed": args.seed, "mac_config": cfg_mac, "llama_config": llama_config(cfg_mac),
+                      "compile_decode": not args.no_compile_decode},
            "blas_preload": {"mlx": blas_extra.get("LD_PRELOAD"), "torch": None}, "results": []}
     failed = False
     with tempfile.TemporaryDirectory(prefix="titans-bench-mac-") as tmp:
         weights = None
         base = {"seed": args.seed, "tg": args.tg, "threads": args.threads, "prefill_step": args.prefill_step,
                 "matmul_size": args.matmul_size, "vocab": cfg_mac["num_tokens"], "mac_config": cfg_mac,
-                "llama_config": llama_config(cfg_mac)}
+                "llama_config": llama_config(cfg_mac), "compile_decode": not args.no_compile_decode}
         if "torch" in impls and "mlx" in impls and args.same_weights:
             weights = os.path.join(tmp, "mac_weights.npz")
             res = _spawn(args, main, tmp, dict(base, impl="torch", depth=0, export=weights), "torch", {})

@@ -64,23 +64,27 @@ def markdown(doc: dict) -> str:
          f"then tg{cfg['tg']}.", "",
          "Tests (llama-bench names): `pp<d>` = prefill of the d-token context from empty (average); `pp<B> @ d<x>` = "
          "the last full prefill block (B tokens on top of x); `tg<N> @ d<d>` = N decoded tokens after the context. "
-         "t/s = wall-clock tokens/s, CPU t/s = tokens per second of process CPU time (less disturbed by other load).",
-         "", "| model | BLAS | test | t/s | CPU t/s |", "|---|---|---|---:|---:|"]
+         "t/s = wall-clock tokens/s, CPU t/s = tokens per second of process CPU time (less disturbed by other load); "
+         "primitives/token: MLX primitives in the graph of each of the next window of decoded tokens, mean (min–max; "
+         "a compiled function counts as one), what each decoded token dispatches.",
+         "", "| model | BLAS | test | t/s | CPU t/s | primitives/token |", "|---|---|---|---:|---:|---:|"]
     for impl in ORDER:
         for r in doc["results"]:
             if r.get("impl") != impl:
                 continue
             if r.get("status") != "ok":
-                L.append(f"| {NAMES[impl]} | — | d{_k(r['depth'])} | {r.get('status')}: {r.get('error', '')[:90]} | |")
+                L.append(f"| {NAMES[impl]} | — | d{_k(r['depth'])} | {r.get('status')}: {r.get('error', '')[:90]} | | |")
                 continue
             blas = r["blas"]["description"].split(" (")[0]
             L.append(f"| {NAMES[impl]} | {blas} | pp{r['depth']} | {r['prefill_tokens_per_s']:,.0f} "
-                     f"| {r['depth'] / max(r['prefill_cpu_s'], 1e-9):,.0f} |")
+                     f"| {r['depth'] / max(r['prefill_cpu_s'], 1e-9):,.0f} | |")
             if r.get("last_block"):
                 b = r["last_block"]
-                L.append(f"| {NAMES[impl]} | {blas} | pp{b['tokens']} @ d{b['at_depth']} | {b['tokens_per_s']:,.0f} | |")
+                L.append(f"| {NAMES[impl]} | {blas} | pp{b['tokens']} @ d{b['at_depth']} | {b['tokens_per_s']:,.0f} | | |")
+            prims = r.get("primitives_per_token")
             L.append(f"| {NAMES[impl]} | {blas} | tg{r['tg']} @ d{r['depth']} | {r['decode_tokens_per_s']:.1f} "
-                     f"| {r['decode_tokens_per_cpu_s'] or 0:.1f} |")
+                     f"| {r['decode_tokens_per_cpu_s'] or 0:.1f} | "
+                     + (f"{prims['mean']:,.0f} ({prims['min']:,}–{prims['max']:,})" if prims else "") + " |")
     L += ["", "Peak memory against context (above the process's post-set-up baseline; RSS high-water mark over "
           "prefill + decode, and MLX's own peak allocation):", "",
           "| model | depth | peak RSS Δ MiB | … after prefill | MLX peak Δ MiB | cache after prefill MiB | load avg |",

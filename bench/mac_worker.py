@@ -55,9 +55,36 @@ def _mlx_model(cfg):
             sd = {k: mx.array(v) for k, v in np.load(cfg["weights"]).items()}
             model.load_weights(list(model.sanitize(sd).items()), strict=True)
             weights = "titans-pytorch's (same weights as the torch worker)"
+        model.compile_decode = cfg.get("compile_decode", True)
     mx.eval(model.parameters())
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
     return model, weights, params
+
+
+def _primitives_per_token(model, state, token, n):
+    """MLX primitives in the graph of each of the next n decoded tokens (a copy of the cache; a whole window, so
+    chunk-boundary and segment-boundary tokens are in): {mean, min, max}. A compiled function counts as one."""
+    import copy
+    import io
+
+    import mlx.core as mx
+
+    cache, counts = copy.deepcopy(state.cache), []
+    for _ in range(n):
+        logits = model(mx.array([[token]]), cache=cache)
+        dot = io.StringIO()
+        arrays = [a for c in cache for a in _arrays(c.state)]
+        mx.export_to_dot(dot, logits, *arrays)
+        counts.append(dot.getvalue().count("shape=rectangle"))
+        mx.eval(logits, arrays)
+        token = int(mx.argmax(logits[0, -1]).item())
+    return {"mean": sum(counts) / n, "min": min(counts), "max": max(counts), "tokens": n}
+
+
+def _arrays(tree):
+    if isinstance(tree, (list, tuple)):
+        return [a for t in tree for a in _arrays(t)]
+    return [tree] if hasattr(tree, "nbytes") and hasattr(tree, "dtype") else []
 
 
 def _run_mlx(cfg, res, prompt, measure):
@@ -95,15 +122,14 @@ def _run_mlx(cfg, res, prompt, measure):
     res["peak_after_prefill"] = measure["peak"]()
     res["mlx_peak_after_prefill_delta_bytes"] = mx.get_peak_memory() - base_active
     res["blocks"] = [{"tokens_done": d, "t_s": w - t[0]} for d, w, _ in marks]
-    res["cache_bytes_after_prefill"] = sum(int(v.nbytes) for c in state.cache for v in
-                                           (c.state.values() if isinstance(c.state, dict) else c.state)
-                                           if isinstance(v, mx.array))
+    res["cache_bytes_after_prefill"] = sum(int(c.nbytes) for c in state.cache)
     res["last_logits"] = [float(v) for v in state.logits.reshape(-1).tolist()]
 
     t = _clock()
     tokens = decode(state, cfg["tg"])
     res["decode_s"], res["decode_cpu_s"] = _since(t)
     res["generated"] = tokens[:16]
+    res["primitives_per_token"] = _primitives_per_token(model, state, tokens[-1], getattr(model, "window", 32))
     res["mlx_peak_delta_bytes"] = mx.get_peak_memory() - base_active
     res["mlx_active_after_bytes"] = mx.get_active_memory() - base_active
     res["backend"] = {"framework": "mlx", "device": str(mx.default_device()),

@@ -104,6 +104,8 @@ def test_mac_smoke(tmp_path):
     assert res["status"] == "ok", res
     assert res["depth"] == 40 and res["prefill_tokens_per_s"] > 0 and res["decode_tokens_per_s"] > 0
     assert res["last_block"]["tokens"] == 16 and res["mlx_peak_delta_bytes"] > 0
+    prims = res["primitives_per_token"]
+    assert prims["tokens"] == 10 and 0 < prims["min"] <= prims["mean"] <= prims["max"]
     md = (tmp_path / "smoke.md").read_text()
     assert "tg3 @ d40" in md and "pp40" in md
 

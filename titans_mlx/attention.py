@@ -39,10 +39,10 @@ class RotaryEmbedding(nn.Module):
         self.freqs = 1.0 / mx.power(mx.array(theta, dtype=mx.float32), exponent)
         self.freeze(keys=["freqs"])  # saved with the checkpoint, never trained (requires_grad=False in torch)
 
-    def __call__(self, x: mx.array, start: int) -> mx.array:
+    def __call__(self, x: mx.array, start) -> mx.array:
         # x (..., n, dh) at positions start .. start + n - 1; same float32 angles as rotary-embedding-torch
         n = x.shape[-2]
-        pos = mx.arange(start, start + n, dtype=mx.float32)
+        pos = mx.arange(n, dtype=mx.float32) + start  # start: an int or an int array (the compiled decode step)
         angles = pos[:, None] * self.freqs.astype(mx.float32)[None, :]
         cos, sin = mx.cos(angles), mx.sin(angles)
         xf = x.astype(wide(x.dtype))
@@ -110,17 +110,8 @@ class SegmentedAttention(nn.Module):
         cache: an mlx-lm ChunkedKVCache (see titans_mlx.cache), whose keys/values, offset and start_position this
         sets itself: what stays visible is decided by the segment layout, not by a count of keys.
         """
-        if (value_residual is None) != ("to_learned_v_mix" not in self):
-            raise ValueError("value_residual must be given exactly to layers after the first")
         b, n, _ = x.shape
-        xn = self.norm(x)
-        q, k, v = mx.split(self.to_qkv(xn), 3, axis=-1)
-        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
-        orig_v = v
-        if value_residual is not None:
-            mix = mx.sigmoid(self.to_learned_v_mix(xn)).transpose(0, 2, 1)[..., None]
-            v = _lerp(v, value_residual, mix)
-        q, k = self.rotary_emb(q, start), self.rotary_emb(k, start)
+        q, k, v, orig_v = self._project(x, start, value_residual)
 
         k_start = start
         if cache is not None:
@@ -132,9 +123,7 @@ class SegmentedAttention(nn.Module):
                 k_start = cache.start_position
                 k = mx.concatenate([cache.keys, k], axis=2)
                 v = mx.concatenate([cache.values, v], axis=2)
-            keep = self._first_needed(start + n) - k_start
-            cache.keys, cache.values = k[:, :, keep:], v[:, :, keep:]
-            cache.start_position, cache.offset = k_start + keep, start + n
+            self.remember(cache, k, v, k_start, start + n)
         elif start != 0:
             raise ValueError("a call that does not start at position 0 needs a cache")
 
@@ -147,6 +136,43 @@ class SegmentedAttention(nn.Module):
         if output_gating is not None:
             out = out * output_gating
         return out, orig_v
+
+    def _project(self, x, start, value_residual):
+        # queries and keys rotated at their positions (start: an int, or an array in the compiled decode step),
+        # values mixed with the first layer's (value residual); and the unmixed values
+        if (value_residual is None) != ("to_learned_v_mix" not in self):
+            raise ValueError("value_residual must be given exactly to layers after the first")
+        xn = self.norm(x)
+        q, k, v = mx.split(self.to_qkv(xn), 3, axis=-1)
+        q, k, v = self._split_heads(q), self._split_heads(k), self._split_heads(v)
+        orig_v = v
+        if value_residual is not None:
+            mix = mx.sigmoid(self.to_learned_v_mix(xn)).transpose(0, 2, 1)[..., None]
+            v = _lerp(v, value_residual, mix)
+        return self.rotary_emb(q, start), self.rotary_emb(k, start), v, orig_v
+
+    def remember(self, cache, k, v, k_start: int, next_start: int) -> None:
+        """Keep in `cache` the keys/values (from position k_start on) that queries from next_start on can see."""
+        keep = self._first_needed(next_start) - k_start
+        cache.keys, cache.values = k[:, :, keep:], v[:, :, keep:]
+        cache.start_position, cache.offset = k_start + keep, next_start
+
+    def decode_token(self, x, pos, keys, values, key_pos, value_residual=None, output_gating=None):
+        """One token x (b, 1, dim) at position `pos` (an int32 array: nothing recompiles as it grows) against
+        cached keys/values (b, h, S, dh) of a fixed length S at key_pos (S,) (-1: an empty slot, never visible).
+
+        Returns (out, unmixed values, the token's rotated key, its mixed value); the caller caches the last two.
+        """
+        b = x.shape[0]
+        q, k, v, orig_v = self._project(x, pos, value_residual)
+        all_k, all_v = mx.concatenate([keys, k], axis=2), mx.concatenate([values, v], axis=2)
+        k_pos = mx.concatenate([key_pos, pos.reshape(1)])
+        all_k, all_v = self._with_persistent(all_k, all_v)
+        out = self._sdpa(q, all_k, all_v, self._mask(pos.reshape(1, 1), k_pos[None, :]))
+        out = self.to_out(out.transpose(0, 2, 1, 3).reshape(b, 1, -1))
+        if output_gating is not None:
+            out = out * output_gating
+        return out, orig_v, k, v
 
     @property
     def max_cached_keys(self) -> int:

@@ -283,23 +283,28 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     return p
 
 
+def read_text_file(path) -> str:
+    """A prompt file's text; GenerationError (one line) for a missing, unreadable, binary or non-UTF-8 file."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise GenerationError(f"prompt file {path} does not exist") from None
+    except IsADirectoryError:
+        raise GenerationError(f"prompt file {path} is a directory") from None
+    except OSError as e:
+        raise GenerationError(f"cannot read prompt file {path}: {e.strerror}") from None
+    if b"\0" in data:
+        raise GenerationError(f"prompt file {path} is binary, not text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
+
+
 def _read_prompt(args) -> str:
     if args.prompt_file is not None:
-        path = Path(args.prompt_file)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise GenerationError(f"prompt file {path} does not exist") from None
-        except IsADirectoryError:
-            raise GenerationError(f"prompt file {path} is a directory") from None
-        except OSError as e:
-            raise GenerationError(f"cannot read prompt file {path}: {e.strerror}") from None
-        if b"\0" in data:
-            raise GenerationError(f"prompt file {path} is binary, not text")
-        try:
-            return data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise GenerationError(f"prompt file {path} is not UTF-8 text") from None
+        return read_text_file(args.prompt_file)
     if args.prompt == "-":
         return sys.stdin.read()
     if args.prompt is not None:

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .attention import RMSNorm, SegmentedAttention, wide
+from . import decode
 from .cache import make_layer_cache, read_memory_state, write_memory_state
 
 
@@ -118,6 +119,11 @@ class AxialPositionalEmbedding(nn.Module):
         pos = mx.arange(start, stop)
         return outer[pos // P - lo] + inner[pos % P]
 
+    def at(self, pos: mx.array, dtype) -> mx.array:
+        """The embedding (1, dim) of one position given as an int array (the compiled decode step)."""
+        column = lambda t: t.astype(dtype).reshape(1, 1)
+        return self.mlps[0](column(pos // self.period)) + self.mlps[1](column(pos % self.period))
+
 
 class MemoryQKVSelector(nn.Module):
     """Softmax weights choosing the memory's query/key/value inputs among earlier layers' intermediates."""
@@ -185,7 +191,8 @@ class MACLayer(nn.Module):
     def _hc(self, name):
         return self[name] if name in self else _PlainResidual()
 
-    def __call__(self, x, start: int, cache=None, value_residual=None, prev_weights=None, views: list = ()):
+    def __call__(self, x, start: int, cache=None, value_residual=None, prev_weights=None, views: list = (),
+                 return_memory: bool = False):
         """One layer on x (b, L, d) or streams (b, L, s, d) at positions start..start+L-1.
 
         cache: this layer's [attention ChunkedKVCache, memory ArraysCache] (see titans_mlx.cache), or None.
@@ -193,8 +200,9 @@ class MACLayer(nn.Module):
         memory layer's weights per chunk (weight residual); views: every earlier layer's attn in/out and ff in/out
         (qkv views). Returns (x, this layer's attention values, this memory's weights per chunk or prev_weights,
         views extended by this layer's). Arguments are arrays or lists of them, so mx.checkpoint can wrap a layer.
+        return_memory: also return what the memory wrote and read (see Model.__call__), None without memory.
         """
-        gates = None
+        gates, record = None, None
         if self.has_memory:
             mem_in, add_mem = self._hc("mem_hyper_conn")(x)
             if "mem_qkv_selector" in self:
@@ -202,10 +210,15 @@ class MACLayer(nn.Module):
             else:
                 qkv = mx.stack([mem_in, mem_in, mem_in])
             state = read_memory_state(cache[1], start) if cache is not None else None
+            extra = dict(return_surprises=True, return_stats=True) if return_memory else {}
             if self.chain_weights:  # the next memory layer mixes these weights into its own (weight residual)
-                retrieved, state, prev_weights = self.mem(qkv, state, prev_weights, return_updates=True)
+                retrieved, state, *more = self.mem(qkv, state, prev_weights, return_updates=True, **extra)
+                prev_weights = more.pop(1 if return_memory else 0)
             else:
-                retrieved, state = self.mem(qkv, state)
+                retrieved, state, *more = self.mem(qkv, state, **extra)
+            if return_memory:  # more: (losses, step sizes) of return_surprises, the dict of return_stats
+                (surprises, step_sizes), stats = more
+                record = dict(stats, surprises=surprises, step_sizes=step_sizes, retrieved=retrieved)
             if cache is not None:
                 write_memory_state(cache[1], state)
             if self.gate_attn_output:
@@ -221,6 +234,8 @@ class MACLayer(nn.Module):
         x = add_ff(ff_out)
         if self.collect_views:
             views = [*views, attn_in, attn_out, ff_in, ff_out]
+        if return_memory:
+            return x, values, prev_weights, views, record
         return x, values, prev_weights, views
 
 
@@ -257,6 +272,8 @@ class Model(nn.Module):
         self.to_logits = nn.Linear(args.dim, args.num_tokens, bias=False)
         # a setting, not state: recompute each layer in the backward pass instead of keeping its activations
         self.checkpoint_layers = False
+        # a setting: single decoded tokens take the compiled step (titans_mlx.decode); False: the general path
+        self.compile_decode = True
 
     # ---- positions -------------------------------------------------------------------------------------------------
 
@@ -282,8 +299,16 @@ class Model(nn.Module):
                                       len(layer.mem.memory_model_parameters) if layer.has_memory else 0)
         return cache
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None) -> mx.array:
-        """Token ids (b, n) -> logits (b, n, num_tokens); with a cache from make_cache(), continues the sequence."""
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None, return_memory: bool = False):
+        """Token ids (b, n) -> logits (b, n, num_tokens); with a cache from make_cache(), continues the sequence.
+
+        return_memory: return (logits, records) instead, one record per layer (None without memory): a dict of
+        the NeuralMemory's ``surprises`` and ``step_sizes`` (its return_surprises output: per stored key and head,
+        (b, heads, keys) for the chunks this call completed), the per-chunk ``forget``, ``update_norm`` and
+        ``weight_norm`` (b, heads, chunks) and ``first_chunk`` (NeuralMemory's return_stats), and ``retrieved``
+        (b, positions, dim), what the memory read. Positions count the long-term memory tokens (see _layout).
+        Opt-in and explicit: nothing is kept on the modules; the caller evaluates.
+        """
         if not isinstance(inputs, mx.array):
             inputs = mx.array(np.asarray(inputs))
         if inputs.ndim != 2:
@@ -292,11 +317,14 @@ class Model(nn.Module):
             raise ValueError(f"cache has {len(cache)} entries, the model needs {2 * len(self.layers)} (two per layer); "
                              "use model.make_cache()")
         b, n = inputs.shape
+        if cache is not None and not return_memory and self.compile_decode and decode.eligible(self, cache, inputs):
+            return decode.step(self, inputs, cache)
         start = cache[0].offset if cache is not None else 0
         seen = self._tokens_before(start)
         stop = self.positions_for(seen + n)
         if n == 0:
-            return mx.zeros((b, 0, self.args.num_tokens), self.norm.weight.dtype)  # norm: never quantized
+            empty = mx.zeros((b, 0, self.args.num_tokens), self.norm.weight.dtype)  # norm: never quantized
+            return (empty, [None] * len(self.layers)) if return_memory else empty
 
         tokens = self.token_emb(inputs)
         index, token_positions = self._layout(start, stop, n)
@@ -310,20 +338,26 @@ class Model(nn.Module):
         if streams > 1:
             x = x[:, :, None, :] + self.stream_embed.astype(x.dtype)
 
-        value_residual, prev_weights, views = None, None, []
+        value_residual, prev_weights, views, records = None, None, [], []
         for i, layer in enumerate(self.layers):
-            run = layer
-            if self.checkpoint_layers and cache is None:
-                run = _checkpointed(layer)
             layer_cache = cache[2 * i:2 * i + 2] if cache is not None else None
-            x, values, prev_weights, views = run(x, start, layer_cache, value_residual, prev_weights, views)
+            if return_memory:
+                x, values, prev_weights, views, record = layer(x, start, layer_cache, value_residual, prev_weights,
+                                                               views, return_memory=True)
+                records.append(record)
+            else:
+                run = layer
+                if self.checkpoint_layers and cache is None:
+                    run = _checkpointed(layer)
+                x, values, prev_weights, views = run(x, start, layer_cache, value_residual, prev_weights, views)
             value_residual = values if value_residual is None else value_residual
 
         if streams > 1:
             x = x.sum(axis=2)
         if self.num_longterm:
             x = x[:, mx.array(token_positions)]
-        return self.to_logits(self.norm(x))
+        logits = self.to_logits(self.norm(x))
+        return (logits, records) if return_memory else logits
 
     def loss(self, ids: mx.array) -> mx.array:
         """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True)."""

@@ -96,15 +96,17 @@ _COMPILED: dict = {}
 TRACE_COUNT = {"store_block": 0}  # incremented each time the compiled step is traced (tests check reuse)
 
 
-def _traced_store_block(*args):
+def _traced_store_block(*args, **kwargs):
     TRACE_COUNT["store_block"] += 1
-    return store_block(*args)
+    return store_block(*args, **kwargs)
 
 
-def _compiled_store_block(structure: Structure, want_updates: bool):
-    key = (structure, want_updates)
+def _compiled_store_block(structure: Structure, want_updates: bool, want_stats: bool = False):
+    # the statistics are a separate compiled function, so the everyday step computes nothing extra
+    key = (structure, want_updates) + ((True,) if want_stats else ())
     if key not in _COMPILED:
-        _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates))
+        kwargs = {"want_stats": True} if want_stats else {}
+        _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates, **kwargs))
     return _COMPILED[key]
 
 
@@ -371,19 +373,37 @@ class NeuralMemory(nn.Module):
             yield c0, kc, ttt is not None and ((first_chunk + c0 + kc) * C) % ttt == 0
             c0 += kc
 
+    def _views(self, x):
+        # (the caller's dtype, x in the memory's dtype, the query-view tokens, the store-view tokens); the memory
+        # computes in float32 whatever the model's dtype (float64 stays): its weights are learned online over the
+        # whole document, so its state and updates keep float32 (as ttt-lm-mlx keeps its TTT state)
+        x = self._check_input(x)
+        out_dtype = x.dtype
+        x = x.astype(wide(x.dtype))
+        return (out_dtype, x) + ((x[0], x[1:]) if self.structure.views else (x, x))
+
+    def read_current(self, x, last_update: list):
+        """What ``__call__`` gives tokens that read the memory as it stands (no chunk completes before them):
+        (y, the store-view tokens it appends to the state's buffer). The compiled decode step's memory read: no
+        Python ints, so it traces once; only for memory networks that read each token on its own (tokenwise)."""
+        out_dtype, x, retrieve_x, store_new = self._views(x)
+        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), self._dense_parameters())
+        return retrieve(self.structure, params, last_update, retrieve_x).astype(out_dtype), store_new
+
     def __call__(self, x, state=None, prev_weights=None, return_surprises=False, return_updates=False,
-                 detach_mem_state=False, ttt_batch_size=None, store_seq=None, store_mask=None):
+                 detach_mem_state=False, ttt_batch_size=None, store_seq=None, store_mask=None, return_stats=False):
+        """Read and write x; returns (y, new_state), then (losses, step sizes) with ``return_surprises`` (as
+        titans-pytorch's), the weights after every chunk with ``return_updates`` (as titans-pytorch's), and with
+        ``return_stats`` (ours, for ``python -m titans_mlx.inspect``) a dict of per-chunk arrays (batch, heads, chunks)
+        of the chunks this call completed: ``forget`` (the forget gate alpha: the weights are scaled by 1 - alpha),
+        ``update_norm`` (norm of the update added), ``weight_norm`` (norm of the weights after the chunk), and
+        ``first_chunk``, the index of the first of them in the whole sequence."""
         if store_seq is not None or store_mask is not None:
             raise NotImplementedError("store_seq / store_mask")
         s, C = self.structure, self.chunk_size
         if s.weight_residual != (prev_weights is not None):
             raise ValueError("prev_weights must be given exactly when accept_weight_residual=True")
-        x = self._check_input(x)
-        # the memory computes in float32 whatever the model's dtype (float64 stays): its weights are learned online
-        # over the whole document, so its state and updates keep float32 (as ttt-lm-mlx keeps its TTT state)
-        out_dtype = x.dtype
-        x = x.astype(wide(x.dtype))
-        retrieve_x, store_new = (x[0], x[1:]) if s.views else (x, x)
+        out_dtype, x, retrieve_x, store_new = self._views(x)
         batch, m = retrieve_x.shape[0], retrieve_x.shape[1]
         state = self.initial_state(batch, x.dtype) if state is None else state
         self._check_state(state, batch)
@@ -417,8 +437,8 @@ class NeuralMemory(nn.Module):
         body = retrieve_x[:, head:]
         n_windows = -(-body.shape[1] // C)
         body = mx.pad(body, [(0, 0), (0, n_windows * C - body.shape[1]), (0, 0)])
-        updates, losses, lrs = [[w[:, None]] for w in last_update], [], []
-        step = _compiled_store_block(s, return_updates)
+        updates, losses, lrs, stats = [[w[:, None]] for w in last_update], [], [], []
+        step = _compiled_store_block(s, return_updates, return_stats)
         hparams = {k: v.astype(x.dtype) for k, v in self._hparams.items()}
         if "transition_gate" in self:
             hparams["transition_gate"] = mx.sigmoid(self.transition_gate.astype(x.dtype))
@@ -435,7 +455,7 @@ class NeuralMemory(nn.Module):
             if s.weight_residual:
                 prev = [mx.pad(w[:, c0:c0 + kc], [(0, 0), (0, K - kc)] + [(0, 0)] * (w.ndim - 2))
                         for w in prev_weights]
-            last_update, momentum, read, ups, (loss, lr) = step(
+            last_update, momentum, read, ups, (loss, lr, *block_stats) = step(
                 params, hparams, grad_point, last_update, momentum, block_store, valid, boundary, block_read, prev)
             outputs.append(read[:, :kw * C])
             if return_updates:
@@ -444,6 +464,8 @@ class NeuralMemory(nn.Module):
             if return_surprises:
                 losses.append(loss[:, :kc])
                 lrs.append(lr[:, :kc])
+            if return_stats:
+                stats.append([t[:, :kc] for t in block_stats])
             if ends_batch and not self.frozen:  # the next mini-batch takes its gradients at the latest weights
                 grad_point = list(last_update)
 
@@ -462,6 +484,11 @@ class NeuralMemory(nn.Module):
                         shape(mx.concatenate(lrs, 1)) if lrs else empty),)
         if return_updates:
             result += ([mx.concatenate(u, axis=1) for u in updates],)
+        if return_stats:
+            per_chunk = lambda i: (mx.concatenate([st[i] for st in stats], axis=1) if stats else
+                                   mx.zeros((batch * self.heads, 0), x.dtype)).reshape(batch, self.heads, -1)
+            result += ({"first_chunk": first_chunk, "forget": per_chunk(0), "update_norm": per_chunk(1),
+                        "weight_norm": per_chunk(2)},)
         return result
 
 

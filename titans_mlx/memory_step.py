@@ -179,7 +179,7 @@ def retrieve(s: Structure, p, weights, x):
 
 
 def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update, momentum, store_x, valid, boundary,
-                retrieve_x, prev):
+                retrieve_x, prev, want_stats: bool = False):
     """Store K chunks and read the K windows they serve.
 
     grad_point/last_update: lists (BH, *shape); momentum: list (order, BH, *shape) or None;
@@ -188,7 +188,9 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
     retrieve_x: (b, K*C, dim) raw query tokens of the windows; prev: list (BH, K, *shape) of the previous memory
     layer's weights before each chunk (weight residual) or None; hp: dict of hyper-parameter arrays.
     Returns (last_update, momentum, retrieved (b, K*C, dim), updates (list (BH, K, *shape), if want_updates),
-    (loss, lr) (BH, K, c')).
+    (loss, lr) (BH, K, c')). With want_stats (what ``python -m titans_mlx.inspect`` draws; off in the hot path) the
+    last item also holds, each (BH, K): the forget gate alpha of each chunk, the norm of the update it added (the
+    momentum term, over all parameters; 0 for a chunk not written) and the norm of the weights after it.
     """
     H, dh, C, u = s.heads, s.dim_head, s.chunk_size, s.num_kv_per_token
     norm_w = p.get("store_norm", {}).get("weight")
@@ -277,7 +279,7 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
     rx, queries = _queries(s, p, retrieve_x)
     chunk_queries = _unstack(queries.reshape(b * H, K, C, dh))
     U = list(last_update)
-    reads, updates = [], []
+    reads, updates, weight_norms = [], [], []
     for k in range(K):
         for i in range(len(U)):
             new = mx.where(valid[k], _expand(1.0 - decay[:, k], U[i].ndim) * U[i] + deltas[i][k], U[i])
@@ -288,6 +290,16 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
         reads.append(s.model(U, chunk_queries[k]))
         if want_updates:
             updates.append(list(U))
+        if want_stats:
+            weight_norms.append(_norm(U))
     retrieved = _read_out(s, p, mx.stack(reads, axis=1).reshape(b * H, K * C, dh), rx)
     updates = [mx.stack(us, axis=1) for us in zip(*updates)] if want_updates else None
-    return U, S, retrieved, updates, (loss, lr)
+    if not want_stats:
+        return U, S, retrieved, updates, (loss, lr)
+    update_norms = mx.where(valid, mx.stack([_norm([d[k] for d in deltas]) for k in range(K)], axis=1), 0.0)
+    return U, S, retrieved, updates, (loss, lr, decay, update_norms, mx.stack(weight_norms, axis=1))
+
+
+def _norm(tensors):
+    """Euclidean norm over all of a memory's parameters, each (BH, *shape): (BH,)."""
+    return mx.sqrt(sum(mx.sum(t * t, axis=tuple(range(1, t.ndim))) for t in tensors))
