@@ -50,3 +50,23 @@ def test_half_mac_keeps_a_float32_memory_state():
     assert states and all(w.dtype == mx.float32 for s in states for w in s.last_update + s.grad_point)
     assert not any("memory_model_parameters" in k and v.dtype != mx.float32
                    for k, v in tree_flatten(model.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_rms_norm_keeps_float32_epsilon_in_half_precision(dtype):
+    # a small-magnitude input (mean square 1e-4, against bfloat16's eps 2^-7) normalises as the float32 model does
+    from titans_mlx.attention import RMSNorm
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((2, 5, 64)) * 0.01).astype(np.float32)
+    w = rng.standard_normal(64).astype(np.float32)
+    norm = RMSNorm(64)
+    norm.weight = mx.array(w).astype(dtype)
+    xh = np.array(mx.array(x).astype(dtype).astype(mx.float32), dtype=np.float64)
+    wh = np.array(norm.weight.astype(mx.float32), dtype=np.float64)
+    expected = xh / np.sqrt((xh ** 2).mean(-1, keepdims=True) + np.finfo(np.float32).eps) * wh
+    got = np.array(norm(mx.array(xh.astype(np.float32)).astype(dtype)).astype(mx.float32))
+    assert np.abs(got - expected).max() <= 2 * float(mx.finfo(dtype).eps) * np.abs(expected).max()
+    with_dtype_eps = xh / np.sqrt((xh ** 2).mean(-1, keepdims=True) + float(mx.finfo(dtype).eps)) * wh
+    assert np.abs(with_dtype_eps - expected).max() > 0.5 * np.abs(expected).max()  # what torch's eps would do
+
