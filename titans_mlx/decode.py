@@ -40,28 +40,21 @@ def eligible(model, cache: list, inputs: mx.array) -> bool:
 
 def _layer(layer, x, pos, keys, values, key_pos, weights, value_residual, views):
     # MACLayer.__call__ for one token that reads the memory as it stands (no store: the weight residual, which
-    # mixes weights only into stores, does not enter); returns what the caller caches as well
-    gates, store = None, None
-    if layer.has_memory:
-        mem_in, add_mem = layer._hc("mem_hyper_conn")(x)
-        if "mem_qkv_selector" in layer:
-            qkv = layer.mem_qkv_selector(mem_in, [mem_in, *views])
-        else:
-            qkv = mx.stack([mem_in, mem_in, mem_in])
+    # mixes weights only into stores, does not enter); also returns what the caller caches
+    stores, new = [], []
+
+    def memory(qkv):
         retrieved, store = layer.mem.read_current(qkv, weights)
-        if layer.gate_attn_output:
-            gates = mx.sigmoid(retrieved)
-        else:
-            x = add_mem(retrieved)
-    attn_in, add_attn = layer._hc("attn_hyper_conn")(x)
-    attn_out, unmixed, k, v = layer.attn.decode_token(attn_in, pos, keys, values, key_pos, value_residual, gates)
-    x = add_attn(attn_out)
-    ff_in, add_ff = layer._hc("ff_hyper_conn")(x)
-    ff_out = layer.ff(ff_in)
-    x = add_ff(ff_out)
-    if layer.collect_views:
-        views = [*views, attn_in, attn_out, ff_in, ff_out]
-    return x, unmixed, views, k, v, store
+        stores.append(store)
+        return retrieved
+
+    def attend(attn_in, gates):
+        out, unmixed, k, v = layer.attn.decode_token(attn_in, pos, keys, values, key_pos, value_residual, gates)
+        new.extend([k, v])
+        return out, unmixed
+
+    x, unmixed, views = layer.wire(x, views, memory, attend)
+    return x, unmixed, views, new[0], new[1], stores[0] if stores else None
 
 
 def _token_step(model, tokens, pos, keys, values, key_pos, weights):

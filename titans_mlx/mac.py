@@ -191,6 +191,32 @@ class MACLayer(nn.Module):
     def _hc(self, name):
         return self[name] if name in self else _PlainResidual()
 
+    def wire(self, x, views, memory, attend):
+        """The layer's branches on residual streams: memory(qkv) -> what it read; attend(attn_in, gates) ->
+        (out, values). Shared by __call__ and the compiled decode step (titans_mlx.decode), which read and attend
+        differently. Returns (x, values, views extended by this layer's)."""
+        gates = None
+        if self.has_memory:
+            mem_in, add_mem = self._hc("mem_hyper_conn")(x)
+            if "mem_qkv_selector" in self:
+                qkv = self.mem_qkv_selector(mem_in, [mem_in, *views])
+            else:
+                qkv = mx.stack([mem_in, mem_in, mem_in])
+            retrieved = memory(qkv)
+            if self.gate_attn_output:
+                gates = mx.sigmoid(retrieved)
+            else:
+                x = add_mem(retrieved)
+        attn_in, add_attn = self._hc("attn_hyper_conn")(x)
+        attn_out, values = attend(attn_in, gates)
+        x = add_attn(attn_out)
+        ff_in, add_ff = self._hc("ff_hyper_conn")(x)
+        ff_out = self.ff(ff_in)
+        x = add_ff(ff_out)
+        if self.collect_views:
+            views = [*views, attn_in, attn_out, ff_in, ff_out]
+        return x, values, views
+
     def __call__(self, x, start: int, cache=None, value_residual=None, prev_weights=None, views: list = (),
                  return_memory: bool = False):
         """One layer on x (b, L, d) or streams (b, L, s, d) at positions start..start+L-1.
@@ -202,13 +228,10 @@ class MACLayer(nn.Module):
         views extended by this layer's). Arguments are arrays or lists of them, so mx.checkpoint can wrap a layer.
         return_memory: also return what the memory wrote and read (see Model.__call__), None without memory.
         """
-        gates, record = None, None
-        if self.has_memory:
-            mem_in, add_mem = self._hc("mem_hyper_conn")(x)
-            if "mem_qkv_selector" in self:
-                qkv = self.mem_qkv_selector(mem_in, [mem_in, *views])
-            else:
-                qkv = mx.stack([mem_in, mem_in, mem_in])
+        record = None
+
+        def memory(qkv):
+            nonlocal prev_weights, record
             state = read_memory_state(cache[1], start) if cache is not None else None
             extra = dict(return_surprises=True, return_stats=True) if return_memory else {}
             if self.chain_weights:  # the next memory layer mixes these weights into its own (weight residual)
@@ -221,19 +244,12 @@ class MACLayer(nn.Module):
                 record = dict(stats, surprises=surprises, step_sizes=step_sizes, retrieved=retrieved)
             if cache is not None:
                 write_memory_state(cache[1], state)
-            if self.gate_attn_output:
-                gates = mx.sigmoid(retrieved)
-            else:
-                x = add_mem(retrieved)
+            return retrieved
 
-        attn_in, add_attn = self._hc("attn_hyper_conn")(x)
-        attn_out, values = self.attn(attn_in, start, value_residual, cache[0] if cache is not None else None, gates)
-        x = add_attn(attn_out)
-        ff_in, add_ff = self._hc("ff_hyper_conn")(x)
-        ff_out = self.ff(ff_in)
-        x = add_ff(ff_out)
-        if self.collect_views:
-            views = [*views, attn_in, attn_out, ff_in, ff_out]
+        def attend(attn_in, gates):
+            return self.attn(attn_in, start, value_residual, cache[0] if cache is not None else None, gates)
+
+        x, values, views = self.wire(x, views, memory, attend)
         if return_memory:
             return x, values, prev_weights, views, record
         return x, values, prev_weights, views
