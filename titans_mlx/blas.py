@@ -81,10 +81,15 @@ def reexec_with_openblas(module: str, argv: list) -> None:
 
 
 def run_cli(module: str, main: Callable[[list], int]) -> int:
-    """A command-line tool's entry point: re-execute with OpenBLAS where useful, run main, hint when it was not."""
+    """A command-line tool's entry point: re-execute with OpenBLAS where useful, run main, hint when it was not.
+    Ctrl-C outside what main handles itself (while loading, or a second Ctrl-C) exits 130 with one line."""
     argv = sys.argv[1:]
     reexec_with_openblas(module, argv)
-    status = main(argv)
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:
+        print("\n[interrupted]", file=sys.stderr)
+        return 130
     if status == 0 and not os.environ.get(ENV) and os.environ.get("MLX_RANK", "0") == "0" and on_reference_blas():
         print(HINT, file=sys.stderr)
     return status

@@ -493,12 +493,6 @@ def _load_model(path_arg):
     return model, tokenizer, path
 
 
-def _write_atomic(path: Path, data: bytes):
-    from .inspect import _write_atomic as write
-
-    write(path, data)
-
-
 def _png_available() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -551,10 +545,12 @@ def main(argv=None) -> int:
             files[f"heatmap_{task}.png"] = render_heatmap(results, task)
     else:
         print("note: matplotlib is not installed, so no heatmaps (pip install matplotlib)", file=sys.stderr)
+    from .inspect import _write_atomic as write_atomic  # temp file then rename, as inspect writes its page
+
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
-            _write_atomic(out / name, data)
+            write_atomic(out / name, data)
     except OSError as e:
         print(f"error: cannot write to {out}: {e.strerror or e}", file=sys.stderr)
         return 1
@@ -565,10 +561,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .blas import run_cli  # on Linux, re-run once with the system OpenBLAS, as generate and inspect do
+    from .blas import run_cli
 
-    try:
-        sys.exit(run_cli("titans_mlx.evaluate", main))
-    except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_cli("titans_mlx.evaluate", main))

@@ -467,8 +467,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     from .blas import run_cli
 
-    try:
-        sys.exit(run_cli("titans_mlx.generate", main))
-    except KeyboardInterrupt:  # Ctrl-C while loading
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_cli("titans_mlx.generate", main))

@@ -507,10 +507,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from .blas import run_cli  # on Linux, re-run once with the system OpenBLAS, as generate and train do
+    from .blas import run_cli
 
-    try:
-        sys.exit(run_cli("titans_mlx.inspect", main))
-    except KeyboardInterrupt:
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_cli("titans_mlx.inspect", main))

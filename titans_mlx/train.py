@@ -259,8 +259,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 if __name__ == "__main__":
     from .blas import run_cli
 
-    try:
-        sys.exit(run_cli("titans_mlx.train", main))
-    except KeyboardInterrupt:  # Ctrl-C while loading, or a second Ctrl-C
-        print("\n[interrupted]", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_cli("titans_mlx.train", main))
