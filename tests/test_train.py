@@ -122,14 +122,65 @@ def test_data_formats_jsonl_and_txt_directory(files, tmp_path):
 
 
 def test_packing_is_consecutive_and_batches_are_a_function_of_seed_and_index():
-    from titans_mlx.train_data import Windows, train_samples
+    from titans_mlx.train_data import Split, Windows, train_samples
 
-    windows = Windows(np.arange(100, dtype=np.int32), seq_len=8)
-    assert windows.count == 12 and list(windows[1]) == list(range(8, 17))  # windows overlap by the shifted target
-    first = train_samples(windows, seed=3, first=0, count=30)
-    assert sorted(map(tuple, first[:12])) == sorted(tuple(windows[i]) for i in range(12))  # one epoch = every window
-    assert np.array_equal(train_samples(windows, seed=3, first=7, count=5), first[7:12])
-    assert not np.array_equal(train_samples(windows, seed=4, first=0, count=12), first[:12])
+    windows = Windows(Split(np.arange(100, dtype=np.int32)), seq_len=8)
+    assert windows.count == 12 and list(windows[1][0]) == list(range(8, 17))  # windows overlap by the shifted target
+    assert np.array_equal(windows[1][1], np.ones(8))  # text: every target counts
+    first, first_weights = train_samples(windows, seed=3, first=0, count=30)
+    assert first_weights.shape == (30, 8)
+    assert sorted(map(tuple, first[:12])) == sorted(tuple(windows[i][0]) for i in range(12))  # one epoch = all
+    assert np.array_equal(train_samples(windows, seed=3, first=7, count=5)[0], first[7:12])
+    assert not np.array_equal(train_samples(windows, seed=4, first=0, count=12)[0], first[:12])
+
+
+def test_prompt_completion_records_are_whole_samples_weighted_by_part(tmp_path):
+    from titans_mlx.train_data import Windows, read_corpus
+
+    d = tmp_path / "data"
+    d.mkdir()
+    records = [{"text": "a" * 20}, {"prompt": "The key is 42. Key?", "completion": " 42"}, {"text": "b" * 20}]
+    (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    corpus = read_corpus(d, ByteTokenizer(), seq_len=32, want_valid=False)
+    windows = Windows(corpus.train, 32, prompt_weight=0.1)
+    # the two texts are packed (20 + EOS + 20 bytes: one window of 33), the record stands alone
+    assert windows.count == 2
+    ids, weights = windows[1]
+    prompt, answer = b"The key is 42. Key?", b" 42"
+    assert bytes(ids[: len(prompt) + 3].tolist()) == prompt + answer and not ids[len(prompt) + 3:].any()
+    # target j predicts ids[j + 1]: prompt bytes 0.1, the answer's three bytes 1, the padding 0
+    expected = np.zeros(32)
+    expected[: len(prompt) - 1] = 0.1
+    expected[len(prompt) - 1 : len(prompt) + 2] = 1.0
+    assert np.allclose(weights, expected)
+
+
+def test_weighted_loss_is_the_weighted_mean_of_per_target_cross_entropy():
+    mx.random.seed(0)
+    model = Model(ModelArgs.from_dict({**CONFIG, "model_type": "titans_mac"}))
+    ids = mx.array(np.random.default_rng(0).integers(0, 256, (2, 21)))
+    weights = mx.array(np.random.default_rng(1).uniform(0, 1, (2, 20)).astype(np.float32))
+    logits = np.array(model(ids[:, :-1]), dtype=np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    nll = -np.take_along_axis(logp, np.array(ids[:, 1:])[..., None], -1)[..., 0]
+    w = np.array(weights, dtype=np.float64)
+    assert abs(model.loss(ids, weights).item() - (nll * w).sum() / w.sum()) <= 1e-5 * nll.mean()
+    assert abs(model.loss(ids).item() - nll.mean()) <= 1e-5 * nll.mean()
+
+
+def test_answer_only_training_runs_and_refuses_records_longer_than_a_sample(files, tmp_path, capsys):
+    d = tmp_path / "records"
+    d.mkdir()
+    lines = [json.dumps({"prompt": "The key is 123. Key?", "completion": " 123"})] * 6
+    (d / "train.jsonl").write_text("\n".join(lines + [json.dumps({"text": TEXT})]))
+    (d / "valid.jsonl").write_text(json.dumps({"text": TEXT[:400]}))
+    assert train(files, tmp_path / "out", "--iters", 2, "--val-batches", 1, "--mask-prompt", data=d) == 0
+    (d / "train.jsonl").write_text(json.dumps({"prompt": "x" * 40, "completion": " 1"}))
+    capsys.readouterr()
+    assert train(files, tmp_path / "out2", "--iters", 2, data=d) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "line 1" in err and "42 tokens" in err and not (tmp_path / "out2").exists()
 
 
 def test_model_continues_from_a_model_dir(files, tmp_path):
@@ -302,6 +353,8 @@ def _bad_cases(files, tmp: Path, trained: Path):
         "OUT holds a model": (["--out", str(model_dir)], "already exists"),
         "force over a non-model dir": (["--out", str(not_model), "--force"], "not a model directory"),
         "resume and force": (["--resume", "--force", "--out", str(trained)], "give one of them"),
+        "negative prompt loss weight": (["--prompt-loss-weight", "-1"], "--prompt-loss-weight must be >= 0"),
+        "mask-prompt and a weight": (["--mask-prompt", "--prompt-loss-weight", "0.5"], "give one of them"),
     }, corpus, cfg
 
 
@@ -322,7 +375,7 @@ BAD = ["missing data", "empty data file", "directory without text", "non-UTF-8 t
        "malformed jsonl line", "unknown config key", "config that cannot build", "config not JSON",
        "tokenizer larger than the model", "seq-len below one segment", "quantized model", "tokenizer mismatch", "resume without OUT",
        "resume without state", "resume from another config", "resume with another batch", "OUT holds a model",
-       "force over a non-model dir", "resume and force"]
+       "force over a non-model dir", "resume and force", "negative prompt loss weight", "mask-prompt and a weight"]
 
 
 @pytest.mark.parametrize("case", BAD)

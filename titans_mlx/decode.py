@@ -60,7 +60,8 @@ def _layer(layer, x, pos, keys, values, key_pos, weights, value_residual, views)
 def _token_step(model, tokens, pos, keys, values, key_pos, weights):
     TRACES["token_step"] += 1
     x = model.token_emb(tokens)
-    x = x + model.axial_pos_emb.at(pos, x.dtype)
+    if model.axial_pos_emb is not None:
+        x = x + model.axial_pos_emb.at(pos, x.dtype)
     streams = model.args.num_residual_streams
     if streams > 1:
         x = x[:, :, None, :] + model.stream_embed.astype(x.dtype)

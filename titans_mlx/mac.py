@@ -53,6 +53,10 @@ class ModelArgs:
     neural_mem_weight_residual: bool = False
     legacy_hyper_connections: bool = False  # residual streams of titans-pytorch <= 0.4.x (plain HC, not mHC)
     legacy_hyper_connections_mix_residuals: bool = False  # plain HC of hyper-connections >= 0.3.10 (see hyper_connections)
+    # titans-mlx only. False: no axial (absolute) positional embedding, attention keeps its rotary positions. The same
+    # text then gets the same memory keys wherever it stands, and prompts longer than training meet no extrapolated
+    # segment-index embedding: a titans-pytorch probe recalled passkeys at 4x its training length only this way.
+    absolute_positions: bool = True
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -274,7 +278,10 @@ class Model(nn.Module):
         self.num_longterm = M = args.num_longterm_mem_tokens
         self.window = S + M
         self.token_emb = nn.Embedding(args.num_tokens, args.dim)
-        self.axial_pos_emb = AxialPositionalEmbedding(args.dim, args.neural_memory_segment_len)
+        if args.absolute_positions:
+            self.axial_pos_emb = AxialPositionalEmbedding(args.dim, args.neural_memory_segment_len)
+        else:
+            self.axial_pos_emb = None
         self.longterm_mems = mx.random.normal((M, args.dim)) * 0.02
         if args.num_residual_streams > 1:
             self.stream_embed = mx.zeros((args.num_residual_streams, args.dim))
@@ -348,7 +355,8 @@ class Model(nn.Module):
             mems = mx.broadcast_to(self.longterm_mems[None].astype(tokens.dtype), (b, self.num_longterm, tokens.shape[-1]))
             tokens = mx.concatenate([tokens, mems], axis=1)
         x = tokens[:, mx.array(index)]
-        x = x + self.axial_pos_emb(start, stop, x.dtype)
+        if self.axial_pos_emb is not None:
+            x = x + self.axial_pos_emb(start, stop, x.dtype)
 
         streams = self.args.num_residual_streams
         if streams > 1:
@@ -375,10 +383,18 @@ class Model(nn.Module):
         logits = self.to_logits(self.norm(x))
         return (logits, records) if return_memory else logits
 
-    def loss(self, ids: mx.array) -> mx.array:
-        """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True)."""
+    def loss(self, ids: mx.array, weights: Optional[mx.array] = None) -> mx.array:
+        """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True).
+
+        weights (b, n - 1), one per target: the weighted mean instead (sum of w * loss over sum of w), so a sample
+        can be trained on its answer only (weight 0 elsewhere) or mostly (a small weight elsewhere).
+        """
         logits = self(ids[:, :-1])
-        return nn.losses.cross_entropy(logits.astype(wide(logits.dtype)), ids[:, 1:], reduction="mean")
+        losses = nn.losses.cross_entropy(logits.astype(wide(logits.dtype)), ids[:, 1:], reduction="none")
+        if weights is None:
+            return losses.mean()
+        weights = weights.astype(losses.dtype)
+        return (losses * weights).sum() / weights.sum()
 
     def _tokens_before(self, position: int) -> int:
         # positions already processed always end on a token, never inside a run of long-term tokens

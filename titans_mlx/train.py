@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .generate import _Parser  # one-line argparse errors, exit 2
 from .train_data import TrainError, Windows, iterate_valid, train_samples, valid_batch_size
-from .train_setup import Run, prepare, run_settings
+from .train_setup import Run, prepare, prompt_weight, run_settings
 from .train_state import write_checkpoint
 
 
@@ -50,6 +50,10 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=1000, help="Total optimizer steps (default 1000)")
     p.add_argument("--batch-size", type=int, default=8, help="Global batch in sequences, split across processes (8)")
     p.add_argument("--seq-len", type=int, default=512, help="Tokens per sequence (default 512)")
+    p.add_argument("--prompt-loss-weight", type=float, default=1.0,
+                   help="Loss weight of the prompt's targets in prompt/completion records, the completion's being 1 "
+                   "(default 1: the whole record)")
+    p.add_argument("--mask-prompt", action="store_true", help="Train on completions only (--prompt-loss-weight 0)")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Peak AdamW learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=0, help="Linear warm-up steps (default 0)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
@@ -73,12 +77,12 @@ def setup_arg_parser() -> argparse.ArgumentParser:
 # ---- the training step ----------------------------------------------------------------------------------------------
 
 
-def _loss(model, ids):
-    return model.loss(ids)
+def _loss(model, ids, weights):
+    return model.loss(ids, weights)
 
 
 def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, accumulation: int):
-    """The compiled micro-step ``(ids, grad_sum, apply) -> (loss, grad_sum, grad_norm)`` and the state it updates.
+    """The compiled micro-step ``(ids, weights, grad_sum, apply) -> (loss, grad_sum, grad_norm)`` and its state.
 
     As mlx-lm's trainer: gradients of the micro-batches are summed; on the last (``apply``) they are averaged over
     processes and micro-batches, clipped, and applied. No ``.item()`` and no branch on array values inside.
@@ -87,8 +91,8 @@ def make_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float, ac
     state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
-    def step(ids, grad_sum, apply: bool):
-        loss, grad = loss_and_grad(model, ids)
+    def step(ids, weights, grad_sum, apply: bool):
+        loss, grad = loss_and_grad(model, ids, weights)
         if grad_sum is not None:
             grad = tree_map(lambda a, b: a + b, grad, grad_sum)
         if not apply:
@@ -117,12 +121,12 @@ def _step_seed(seed: int, step: int) -> int:
 def _validate(run: Run) -> float:
     from mlx_lm.tuner.trainer import evaluate
 
-    windows = Windows(run.corpus.valid, run.args.seq_len)
+    windows = Windows(run.corpus.valid, run.args.seq_len, prompt_weight(run.args))
     size = valid_batch_size(windows, run.args.batch_size, run.world.size())
     available = windows.count // size
     batches = available if run.args.val_batches == -1 else min(run.args.val_batches, available)
-    tokens = lambda ids: mx.array(ids.shape[0] * (ids.shape[1] - 1))
-    loss = evaluate(run.model, windows, size, batches, loss=lambda m, ids: (m.loss(ids), tokens(ids)),
+    # mlx-lm's evaluate weighs each batch's mean by its token count: here the weight its targets carry
+    loss = evaluate(run.model, windows, size, batches, loss=lambda m, ids, w: (m.loss(ids, w), w.sum()),
                     iterate_batches=iterate_valid)
     run.model.train()
     return loss
@@ -140,7 +144,7 @@ def fit(run: Run) -> int:
     main = rank == 0
     K, B, L = args.grad_accumulation_steps, args.batch_size, args.seq_len
     local = B // size
-    windows = Windows(run.corpus.train, L)
+    windows = Windows(run.corpus.train, L, prompt_weight(args))
     model.train()
     model.checkpoint_layers = args.grad_checkpoint
     step_fn, state = make_step(model, optimizer, args.grad_clip, K)
@@ -195,8 +199,8 @@ def fit(run: Run) -> int:
             grad_sum, loss_sum = None, mx.array(0.0)
             for micro in range(K):
                 first = ((step - 1) * K + micro) * B + rank * local
-                ids = mx.array(train_samples(windows, args.seed, first, local))
-                loss, grad_sum, norm = step_fn(ids, grad_sum, micro == K - 1)
+                ids, weights = train_samples(windows, args.seed, first, local)
+                loss, grad_sum, norm = step_fn(mx.array(ids), mx.array(weights), grad_sum, micro == K - 1)
                 loss_sum = loss_sum + loss
                 mx.eval(state, loss_sum, grad_sum, norm)  # bounds memory: one micro-batch's graph at a time
             stats = mx.stack([loss_sum / K, norm.astype(mx.float32), mx.array(float(bool(pressed)))])

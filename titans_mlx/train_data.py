@@ -1,21 +1,26 @@
-"""Training data for ``python -m titans_mlx.train``: text in, packed token windows out.
+"""Training data for ``python -m titans_mlx.train``: text in, token windows and their loss weights out.
 
-DATA is a directory with ``train.jsonl`` and ``valid.jsonl`` (one ``{"text": ...}`` per line, mlx-lm's format), a
-directory of ``.txt`` files, or one text file; for the last two the final ``VALID_FRACTION`` of the tokens is held
-out for validation. Documents are tokenized, joined with the tokenizer's EOS token (a newline when it has none) and
-packed into windows of ``seq_len + 1`` tokens that overlap by one (inputs and shifted targets), so a long document
-continues across consecutive windows.
+DATA is a directory with ``train.jsonl`` and ``valid.jsonl`` (mlx-lm's formats, one record per line), a directory of
+``.txt`` files, or one text file; for the last two the final ``VALID_FRACTION`` of the tokens is held out for
+validation.
 
-Batches are a pure function of (seed, sample index): sample g of the run is window ``perm(seed, epoch)[g % n]`` with
-``epoch = g // n``. A resumed run therefore needs only the step to continue exactly, and a global batch split across
-processes holds the same samples as on one process.
+- Text (``{"text": ...}`` records, ``.txt`` files): documents are tokenized, joined with the tokenizer's EOS token (a
+  newline when it has none) and packed into windows of ``seq_len + 1`` tokens that overlap by one (inputs and shifted
+  targets), so a long document continues across consecutive windows. Every target has weight 1.
+- Prompt/completion records (``{"prompt": ..., "completion": ...}``): one sample each, never packed (a retrieval
+  sample must keep its fact and its question in one window), padded to ``seq_len + 1`` tokens. The completion's
+  targets have weight 1, the prompt's ``--prompt-loss-weight`` (mlx-lm's ``--mask-prompt``: 0), the padding 0.
+
+Batches are a pure function of (seed, sample index): sample g of the run is ``perm(seed, epoch)[g % n]`` over the
+n windows and records, with ``epoch = g // n``. A resumed run therefore needs only the step to continue exactly, and
+a global batch split across processes holds the same samples as on one process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
@@ -30,17 +35,36 @@ class TrainError(ValueError):
 
 
 @dataclass
-class Corpus:
-    """Token streams (int32) for training and validation, and a fingerprint of both."""
+class Split:
+    """One split's data: the packed text stream (int32) and the prompt/completion records (ids, prompt length)."""
 
-    train: np.ndarray
-    valid: Optional[np.ndarray]
+    tokens: np.ndarray
+    records: List[Tuple[np.ndarray, int]] = field(default_factory=list)
+
+    def __len__(self) -> int:  # tokens in all
+        return len(self.tokens) + sum(len(ids) for ids, _ in self.records)
+
+    def digest(self, h) -> None:
+        h.update(self.tokens.tobytes())
+        for ids, prompt in self.records:
+            h.update(b"|record|%d|" % prompt + ids.tobytes())
+
+
+@dataclass
+class Corpus:
+    """The training and validation splits, and a fingerprint of both."""
+
+    train: Split
+    valid: Optional[Split]
     description: str
 
     @property
     def fingerprint(self) -> str:
-        h = hashlib.sha256(self.train.tobytes())
-        h.update(b"|valid|" + (self.valid.tobytes() if self.valid is not None else b""))
+        h = hashlib.sha256()
+        self.train.digest(h)
+        h.update(b"|valid|")
+        if self.valid is not None:
+            self.valid.digest(h)
         return h.hexdigest()
 
 
@@ -55,8 +79,9 @@ def _read_text(path: Path) -> str:
         raise TrainError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})") from None
 
 
-def _read_jsonl(path: Path) -> List[str]:
-    texts = []
+def _read_jsonl(path: Path) -> Tuple[List[str], List[Tuple[int, str, str]]]:
+    """The texts of ``{"text"}`` records and the (line, prompt, completion) of ``{"prompt", "completion"}`` ones."""
+    texts, pairs = [], []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -64,12 +89,39 @@ def _read_jsonl(path: Path) -> List[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise TrainError(f"{path} line {number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise TrainError(f'{path} line {number}: expected an object with a "text" string')
-        texts.append(record["text"])
-    if not any(texts):
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            texts.append(record["text"])
+        elif (isinstance(record, dict) and isinstance(record.get("prompt"), str)
+              and isinstance(record.get("completion"), str)):
+            pairs.append((number, record["prompt"], record["completion"]))
+        else:
+            raise TrainError(f'{path} line {number}: expected an object with a "text" string, or "prompt" and '
+                             '"completion" strings')
+    if not any(texts) and not any(p or c for _, p, c in pairs):
         raise TrainError(f"{path} holds no text")
-    return texts
+    return texts, pairs
+
+
+def _records(pairs, tokenizer, seq_len: int, path: Path) -> List[Tuple[np.ndarray, int]]:
+    records = []
+    for number, prompt, completion in pairs:
+        head, tail = _encode(tokenizer, prompt), _encode(tokenizer, completion)
+        ids = np.concatenate([head, tail])
+        if len(ids) > seq_len + 1:
+            raise TrainError(f"{path} line {number}: the prompt and completion are {len(ids)} tokens, more than "
+                             f"--seq-len {seq_len} + 1 (a record is one sample, never cut)")
+        if len(tail) == 0 or len(ids) < 2:
+            raise TrainError(f"{path} line {number}: an empty completion leaves nothing to learn")
+        records.append((ids, len(head)))
+    return records
+
+
+def _read_split(path: Path, tokenizer, seq_len: int) -> Split:
+    texts, pairs = _read_jsonl(path)
+    split = Split(_tokenize(texts, tokenizer), _records(pairs, tokenizer, seq_len, path))
+    if not split.records:
+        _check_length(split.tokens, seq_len, path)
+    return split
 
 
 def _encode(tokenizer, text: str) -> np.ndarray:
@@ -115,18 +167,15 @@ def read_corpus(path, tokenizer, seq_len: int, want_valid: bool = True) -> Corpu
     if path.is_dir():
         train_file, valid_file = path / "train.jsonl", path / "valid.jsonl"
         if train_file.is_file():
-            train = _tokenize(_read_jsonl(train_file), tokenizer)
+            train = _read_split(train_file, tokenizer, seq_len)
             valid = None
             if want_valid:
                 if not valid_file.is_file():
                     raise TrainError(f"--data {path} has train.jsonl but no valid.jsonl (pass --val-batches 0 to "
                                      "train without validation)")
-                valid = _tokenize(_read_jsonl(valid_file), tokenizer)
-            corpus = Corpus(train, valid, f"{train_file} ({len(train):,} tokens)")
-            _check_length(corpus.train, seq_len, train_file)
-            if valid is not None:
-                _check_length(valid, seq_len, valid_file)
-            return corpus
+                valid = _read_split(valid_file, tokenizer, seq_len)
+            records = f", {len(train.records):,} prompt/completion records" if train.records else ""
+            return Corpus(train, valid, f"{train_file} ({len(train):,} tokens{records})")
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:
             raise TrainError(f"--data {path}: no train.jsonl and no .txt files")
@@ -143,7 +192,7 @@ def read_corpus(path, tokenizer, seq_len: int, want_valid: bool = True) -> Corpu
     _check_length(tokens, seq_len, source)
     train, valid = _hold_out(tokens, seq_len, want_valid, source)
     held = f", last {len(valid):,} held out for validation" if valid is not None else ""
-    return Corpus(train, valid, f"{source} ({len(tokens):,} tokens{held})")
+    return Corpus(Split(train), Split(valid) if valid is not None else None, f"{source} ({len(tokens):,} tokens{held})")
 
 
 def _check_length(tokens: np.ndarray, seq_len: int, source) -> None:
@@ -152,16 +201,24 @@ def _check_length(tokens: np.ndarray, seq_len: int, source) -> None:
 
 
 class Windows:
-    """The windows of seq_len + 1 tokens of a token stream (stride seq_len, the last partial window dropped)."""
+    """A split's samples: the windows of seq_len + 1 tokens of its text stream (stride seq_len, the last partial
+    window dropped), then its records padded to seq_len + 1; each with its seq_len target weights (float32)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens = tokens
+    def __init__(self, split: Split, seq_len: int, prompt_weight: float = 1.0):
+        self.split = split
         self.seq_len = seq_len
-        self.count = (len(tokens) - 1) // seq_len
+        self.prompt_weight = prompt_weight
+        self.text_count = max(len(split.tokens) - 1, 0) // seq_len
+        self.count = self.text_count + len(split.records)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        start = i * self.seq_len
-        return self.tokens[start : start + self.seq_len + 1]
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, np.ndarray]:
+        L = self.seq_len
+        if i < self.text_count:
+            return self.split.tokens[i * L : i * L + L + 1], np.ones(L, np.float32)
+        ids, prompt = self.split.records[i - self.text_count]
+        target = np.arange(1, L + 1)  # position of each target in the padded sample
+        weights = np.where(target < prompt, self.prompt_weight, np.where(target < len(ids), 1.0, 0.0))
+        return np.pad(ids, (0, L + 1 - len(ids))), weights.astype(np.float32)
 
 
 @lru_cache(maxsize=4)
@@ -169,20 +226,26 @@ def _permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def train_samples(windows: Windows, seed: int, first: int, count: int) -> np.ndarray:
-    """Samples first..first+count-1 of a run, (count, seq_len + 1) int32: a pure function of its arguments."""
+def _stack(samples) -> Tuple[np.ndarray, np.ndarray]:
+    ids, weights = zip(*samples)
+    return np.stack(ids).astype(np.int32), np.stack(weights)
+
+
+def train_samples(windows: Windows, seed: int, first: int, count: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Samples first..first+count-1 of a run: ids (count, seq_len + 1) int32 and their target weights
+    (count, seq_len) float32, a pure function of the arguments."""
     rows = []
     for g in range(first, first + count):
         epoch, position = divmod(g, windows.count)
         rows.append(windows[int(_permutation(seed, epoch, windows.count)[position])])
-    return np.stack(rows)
+    return _stack(rows)
 
 
 def valid_batch_size(windows: Windows, batch_size: int, world: int) -> int:
     """The global validation batch: --batch-size, or fewer when the validation text is short (a multiple of world)."""
     size = min(batch_size, windows.count) // world * world
     if size == 0:
-        raise TrainError(f"the validation text has {windows.count} windows of --seq-len {windows.seq_len}, fewer "
+        raise TrainError(f"the validation data has {windows.count} samples of --seq-len {windows.seq_len}, fewer "
                          f"than one per process ({world})")
     return size
 
@@ -196,4 +259,5 @@ def iterate_valid(dataset: Windows, batch_size: int, max_seq_length: int = 0, co
     local = batch_size // world
     for start in range(0, dataset.count - batch_size + 1, batch_size):
         first = start + rank * local
-        yield (mx.array(np.stack([dataset[i] for i in range(first, first + local)])),)
+        ids, weights = _stack([dataset[i] for i in range(first, first + local)])
+        yield mx.array(ids), mx.array(weights)

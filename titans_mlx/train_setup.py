@@ -56,6 +56,10 @@ def _check_args(args, world_size: int) -> None:
         raise TrainError(f"--batch-size {args.batch_size} does not split across {world_size} processes")
     if args.resume and args.force:
         raise TrainError("--resume continues the run in --out and --force replaces it: give one of them")
+    if not (0 <= args.prompt_loss_weight < float("inf")):
+        raise TrainError(f"--prompt-loss-weight must be >= 0, got {args.prompt_loss_weight}")
+    if args.mask_prompt and args.prompt_loss_weight != 1.0:
+        raise TrainError("--mask-prompt is --prompt-loss-weight 0: give one of them")
 
 
 def _check_out(args) -> None:
@@ -171,6 +175,11 @@ def _schedule(args):
     # warm-up climbs lr/W, 2lr/W, ..., lr over the first W updates (mlx-lm's linear_schedule(0, ...) wastes one)
     warm = optim.linear_schedule(lr / args.warmup, lr, max(args.warmup - 1, 1))
     return optim.join_schedules([warm, after], [args.warmup])
+
+
+def prompt_weight(args) -> float:
+    """The loss weight of a prompt/completion record's prompt targets."""
+    return 0.0 if args.mask_prompt else args.prompt_loss_weight
 
 
 def run_settings(args) -> dict:

@@ -1,0 +1,88 @@
+"""The bundled model's training data: KJV text with retrieval samples mixed in, for ``python -m titans_mlx.train``.
+
+    python demo/prepare_corpus.py --out demo/data            # demo/data/{train,val}.txt (KJV, every 20th chapter held out)
+    python demo/make_recall_mixture.py --corpus demo/data --out demo/data/mixture --seq-len 1024
+
+Writes OUT/train.jsonl and OUT/valid.jsonl (mlx-lm's formats) and OUT/mixture.json (what was made, and how):
+- every training chapter as a ``{"text"}`` record (packed by the trainer, every byte a target);
+- as many retrieval samples as there are text windows, each a ``{"prompt", "completion"}`` record of exactly
+  seq_len + 1 tokens (the trainer never packs or cuts a record): passkey (Mohtashami & Jaggi's noise), S-NIAH-1
+  with a haystack of *training* chapters and with RULER's noise, variable tracking and BABILong-lite stories in
+  training chapters, from titans_mlx.recall_tasks, the generators the evaluation harness uses. The needle's depth is
+  uniform in [0, 1], so its distance from the question spans the whole sample, most of it beyond the attention.
+  The completion is the answer and a full stop; train with ``--prompt-loss-weight 0.1`` so the answer dominates.
+- valid.jsonl: the held-out chapters as text only, so the validation loss is the bits/byte target's measure.
+Seeds here (``--seed``, default 1) are never used by the harness's evaluation seeds (10_000 + s, see evaluate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+from titans_mlx.recall_tasks import make_sample, sentences_of
+from titans_mlx.tokenizer import ByteTokenizer
+
+# the share of each task among the retrieval samples: the targets are passkey and S-NIAH in real text
+TASK_SHARES = {"passkey": 0.35, "niah_kjv": 0.30, "niah_noise": 0.10, "vt": 0.10, "babilong": 0.15}
+COMPLETION = {"passkey": " {}.", "niah": " {}.", "vt": " {}", "babilong": " {}."}
+
+
+def chapters(text: str):
+    return [c.strip("\n") for c in text.split("\n\n") if c.strip()]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--corpus", default="demo/data", help="prepare_corpus.py's output (train.txt, val.txt)")
+    p.add_argument("--out", default="demo/data/mixture")
+    p.add_argument("--seq-len", type=int, default=1024, help="the trainer's --seq-len (bytes)")
+    p.add_argument("--retrieval-ratio", type=float, default=1.0,
+                   help="retrieval samples per text window (default 1: half of all samples)")
+    p.add_argument("--seed", type=int, default=1)
+    args = p.parse_args()
+
+    corpus, out = Path(args.corpus), Path(args.out)
+    train_chapters = chapters((corpus / "train.txt").read_text())
+    valid_chapters = chapters((corpus / "val.txt").read_text())
+    tokenizer = ByteTokenizer()
+    haystack = sentences_of("\n".join(train_chapters))
+    text_bytes = sum(len(c.encode()) + 1 for c in train_chapters)
+    n_retrieval = int(text_bytes // args.seq_len * args.retrieval_ratio)
+    rng = random.Random(args.seed)
+    names, shares = zip(*TASK_SHARES.items())
+    counts = {name: 0 for name in names}
+    records = [{"text": c} for c in train_chapters]
+    for _ in range(n_retrieval):
+        name = rng.choices(names, shares)[0]
+        task = name.split("_")[0]
+        completion = COMPLETION[task]
+        # the answer is drawn inside make_sample: build with a placeholder-free length, then append the answer
+        probe = rng.getstate()
+        sample = make_sample(task, tokenizer, args.seq_len, rng.random(), rng,
+                             haystack if name in ("niah_kjv", "babilong") else None)
+        tail = completion.format(sample.answer)
+        # a record is exactly seq_len + 1 tokens: redo it with room for the answer (same rng draws, so same answer)
+        rng.setstate(probe)
+        sample = make_sample(task, tokenizer, args.seq_len + 1 - len(tail.encode()), rng.random(), rng,
+                             haystack if name in ("niah_kjv", "babilong") else None)
+        assert completion.format(sample.answer) == tail
+        records.append({"prompt": tokenizer.decode(sample.ids), "completion": tail})
+        counts[name] += 1
+    rng.shuffle(records)  # the trainer permutes anyway; shuffled, the file reads as the mixture it is
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with open(out / "valid.jsonl", "w") as f:
+        f.writelines(json.dumps({"text": c}) + "\n" for c in valid_chapters)
+    summary = {"seq_len": args.seq_len, "seed": args.seed, "train_chapters": len(train_chapters),
+               "valid_chapters": len(valid_chapters), "train_text_bytes": text_bytes, "retrieval": counts,
+               "task_shares": TASK_SHARES}
+    (out / "mixture.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
