@@ -142,16 +142,16 @@ def test_prompt_completion_records_are_whole_samples_weighted_by_part(tmp_path):
     records = [{"text": "a" * 20}, {"prompt": "The key is 42. Key?", "completion": " 42"}, {"text": "b" * 20}]
     (d / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     corpus = read_corpus(d, ByteTokenizer(), seq_len=32, want_valid=False)
-    windows = Windows(corpus.train, 32, prompt_weight=0.1)
+    windows = Windows(corpus.train, 32, prompt_weight=0.1, completion_weight=5.0)
     # the two texts are packed (20 + EOS + 20 bytes: one window of 33), the record stands alone
     assert windows.count == 2
     ids, weights = windows[1]
     prompt, answer = b"The key is 42. Key?", b" 42"
     assert bytes(ids[: len(prompt) + 3].tolist()) == prompt + answer and not ids[len(prompt) + 3:].any()
-    # target j predicts ids[j + 1]: prompt bytes 0.1, the answer's three bytes 1, the padding 0
+    # target j predicts ids[j + 1]: prompt bytes 0.1, the answer's three bytes 5, the padding 0
     expected = np.zeros(32)
     expected[: len(prompt) - 1] = 0.1
-    expected[len(prompt) - 1 : len(prompt) + 2] = 1.0
+    expected[len(prompt) - 1 : len(prompt) + 2] = 5.0
     assert np.allclose(weights, expected)
 
 
@@ -355,6 +355,7 @@ def _bad_cases(files, tmp: Path, trained: Path):
         "resume and force": (["--resume", "--force", "--out", str(trained)], "give one of them"),
         "negative prompt loss weight": (["--prompt-loss-weight", "-1"], "--prompt-loss-weight must be >= 0"),
         "mask-prompt and a weight": (["--mask-prompt", "--prompt-loss-weight", "0.5"], "give one of them"),
+        "zero completion loss weight": (["--completion-loss-weight", "0"], "--completion-loss-weight must be > 0"),
     }, corpus, cfg
 
 
@@ -375,7 +376,8 @@ BAD = ["missing data", "empty data file", "directory without text", "non-UTF-8 t
        "malformed jsonl line", "unknown config key", "config that cannot build", "config not JSON",
        "tokenizer larger than the model", "seq-len below one segment", "quantized model", "tokenizer mismatch", "resume without OUT",
        "resume without state", "resume from another config", "resume with another batch", "OUT holds a model",
-       "force over a non-model dir", "resume and force", "negative prompt loss weight", "mask-prompt and a weight"]
+       "force over a non-model dir", "resume and force", "negative prompt loss weight", "mask-prompt and a weight",
+       "zero completion loss weight"]
 
 
 @pytest.mark.parametrize("case", BAD)

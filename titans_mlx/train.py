@@ -32,7 +32,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from .generate import _Parser  # one-line argparse errors, exit 2
 from .train_data import TrainError, Windows, iterate_valid, train_samples, valid_batch_size
-from .train_setup import Run, prepare, prompt_weight, run_settings
+from .train_setup import Run, loss_weights, prepare, run_settings
 from .train_state import write_checkpoint
 
 
@@ -54,6 +54,9 @@ def setup_arg_parser() -> argparse.ArgumentParser:
                    help="Loss weight of the prompt's targets in prompt/completion records, the completion's being 1 "
                    "(default 1: the whole record)")
     p.add_argument("--mask-prompt", action="store_true", help="Train on completions only (--prompt-loss-weight 0)")
+    p.add_argument("--completion-loss-weight", type=float, default=1.0,
+                   help="Loss weight of the completion's targets in prompt/completion records, text being 1 (default "
+                   "1); above 1 a short answer counts for more than the text around it")
     p.add_argument("--learning-rate", type=float, default=1e-3, help="Peak AdamW learning rate (default 1e-3)")
     p.add_argument("--warmup", type=int, default=0, help="Linear warm-up steps (default 0)")
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
@@ -121,7 +124,7 @@ def _step_seed(seed: int, step: int) -> int:
 def _validate(run: Run) -> float:
     from mlx_lm.tuner.trainer import evaluate
 
-    windows = Windows(run.corpus.valid, run.args.seq_len, prompt_weight(run.args))
+    windows = Windows(run.corpus.valid, run.args.seq_len, *loss_weights(run.args))
     size = valid_batch_size(windows, run.args.batch_size, run.world.size())
     available = windows.count // size
     batches = available if run.args.val_batches == -1 else min(run.args.val_batches, available)
@@ -144,7 +147,7 @@ def fit(run: Run) -> int:
     main = rank == 0
     K, B, L = args.grad_accumulation_steps, args.batch_size, args.seq_len
     local = B // size
-    windows = Windows(run.corpus.train, L, prompt_weight(args))
+    windows = Windows(run.corpus.train, L, *loss_weights(args))
     model.train()
     model.checkpoint_layers = args.grad_checkpoint
     step_fn, state = make_step(model, optimizer, args.grad_clip, K)

@@ -9,7 +9,8 @@ validation.
   targets), so a long document continues across consecutive windows. Every target has weight 1.
 - Prompt/completion records (``{"prompt": ..., "completion": ...}``): one sample each, never packed (a retrieval
   sample must keep its fact and its question in one window), padded to ``seq_len + 1`` tokens. The completion's
-  targets have weight 1, the prompt's ``--prompt-loss-weight`` (mlx-lm's ``--mask-prompt``: 0), the padding 0.
+  targets have weight ``--completion-loss-weight`` (default 1), the prompt's ``--prompt-loss-weight`` (mlx-lm's
+  ``--mask-prompt``: 0), the padding 0.
 
 Batches are a pure function of (seed, sample index): sample g of the run is ``perm(seed, epoch)[g % n]`` over the
 n windows and records, with ``epoch = g // n``. A resumed run therefore needs only the step to continue exactly, and
@@ -204,10 +205,11 @@ class Windows:
     """A split's samples: the windows of seq_len + 1 tokens of its text stream (stride seq_len, the last partial
     window dropped), then its records padded to seq_len + 1; each with its seq_len target weights (float32)."""
 
-    def __init__(self, split: Split, seq_len: int, prompt_weight: float = 1.0):
+    def __init__(self, split: Split, seq_len: int, prompt_weight: float = 1.0, completion_weight: float = 1.0):
         self.split = split
         self.seq_len = seq_len
         self.prompt_weight = prompt_weight
+        self.completion_weight = completion_weight
         self.text_count = max(len(split.tokens) - 1, 0) // seq_len
         self.count = self.text_count + len(split.records)
 
@@ -217,7 +219,8 @@ class Windows:
             return self.split.tokens[i * L : i * L + L + 1], np.ones(L, np.float32)
         ids, prompt = self.split.records[i - self.text_count]
         target = np.arange(1, L + 1)  # position of each target in the padded sample
-        weights = np.where(target < prompt, self.prompt_weight, np.where(target < len(ids), 1.0, 0.0))
+        weights = np.where(target < prompt, self.prompt_weight,
+                           np.where(target < len(ids), self.completion_weight, 0.0))
         return np.pad(ids, (0, L + 1 - len(ids))), weights.astype(np.float32)
 
 

@@ -58,6 +58,8 @@ def _check_args(args, world_size: int) -> None:
         raise TrainError("--resume continues the run in --out and --force replaces it: give one of them")
     if not (0 <= args.prompt_loss_weight < float("inf")):
         raise TrainError(f"--prompt-loss-weight must be >= 0, got {args.prompt_loss_weight}")
+    if not (0 < args.completion_loss_weight < float("inf")):
+        raise TrainError(f"--completion-loss-weight must be > 0, got {args.completion_loss_weight}")
     if args.mask_prompt and args.prompt_loss_weight != 1.0:
         raise TrainError("--mask-prompt is --prompt-loss-weight 0: give one of them")
 
@@ -177,9 +179,9 @@ def _schedule(args):
     return optim.join_schedules([warm, after], [args.warmup])
 
 
-def prompt_weight(args) -> float:
-    """The loss weight of a prompt/completion record's prompt targets."""
-    return 0.0 if args.mask_prompt else args.prompt_loss_weight
+def loss_weights(args) -> tuple:
+    """The loss weights of a prompt/completion record's prompt and completion targets (text's are 1)."""
+    return (0.0 if args.mask_prompt else args.prompt_loss_weight), args.completion_loss_weight
 
 
 def run_settings(args) -> dict:
