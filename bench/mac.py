@@ -70,13 +70,19 @@ def run_mac(args, argv, main) -> int:
                 cfg_mac = json.load(f)
         except (OSError, ValueError) as e:
             raise main.UserError(f"--config: cannot read {args.config}: {e}")
+    # titans-pytorch has only its own MAC: the paper's variants (titans_mag/mal/lmm, paper_order) run without it
+    pytorch_has_it = cfg_mac.get("model_type", "titans_mac") == "titans_mac" and not cfg_mac.get("paper_order")
     if args.impl == "auto":
-        impls = ["mlx", "llama"] + (["torch"] if main._has_module(args.torch_python, "titans_pytorch") else [])
+        impls = ["mlx", "llama"] + (["torch"] if pytorch_has_it and main._has_module(args.torch_python,
+                                                                                      "titans_pytorch") else [])
     else:
         impls = [i.strip() for i in args.impl.split(",") if i.strip()]
         bad = [i for i in impls if i not in ORDER]
         if bad or not impls:
             raise main.UserError(f"--impl: unknown implementation {bad or args.impl!r}; choose from mlx, torch, llama")
+        if "torch" in impls and not pytorch_has_it:
+            raise main.UserError(f"--impl torch: titans-pytorch has no {cfg_mac.get('model_type')!r}"
+                                 f"{' in the paper order' if cfg_mac.get('paper_order') else ''}")
         if "torch" in impls and not main._has_module(args.torch_python, "titans_pytorch"):
             raise main.UserError(f"--impl torch: titans_pytorch is not importable by {args.torch_python}")
     impls = [i for i in ORDER if i in impls]

@@ -179,6 +179,11 @@ class SegmentedAttention(nn.Module):
         return out, orig_v, k, v
 
     @property
+    def cached_width(self) -> int:
+        # last axis of the cached keys and values (a subclass may cache several per position side by side)
+        return self.dim_head
+
+    @property
     def max_cached_keys(self) -> int:
         # the keys a cache holds between calls: the current window, and with sliding attention the previous one
         return self.window * (2 if self.sliding else 1)
@@ -235,8 +240,8 @@ class SegmentedAttention(nn.Module):
         k_end = k_start + k.shape[2]
         k = _pad_axis(k, 2, k_start - kw0 * W, w1 * W - k_end)
         v = _pad_axis(v, 2, k_start - kw0 * W, w1 * W - k_end)
-        k = k.reshape(b, h, w1 - kw0, W, dh)
-        v = v.reshape(b, h, w1 - kw0, W, dh)
+        k = k.reshape(b, h, w1 - kw0, W, k.shape[-1])  # cached_width: dh, or several keys per position
+        v = v.reshape(b, h, w1 - kw0, W, v.shape[-1])
         q_pos = mx.arange(w0 * W, w1 * W).reshape(nw, W)
         k_pos = mx.arange(kw0 * W, w1 * W).reshape(w1 - kw0, W)
         if self.sliding:
@@ -244,11 +249,11 @@ class SegmentedAttention(nn.Module):
             v = mx.concatenate([v[:, :, :-1], v[:, :, 1:]], axis=3)
             k_pos = mx.concatenate([k_pos[:-1], k_pos[1:]], axis=1)
         nk = k.shape[3]
-        fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(b * nw, h, -1, dh)
+        fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(b * nw, h, -1, t.shape[-1])
         q, k, v = fold(q), fold(k), fold(v)
         k, v = self._with_persistent(k, v)
         mask = self._mask(q_pos[:, :, None], k_pos[:, None, :])  # (nw, W, P + nk)
-        mask = mx.broadcast_to(mask[None, :, None], (b, nw, 1, W, self.num_persist + nk))
+        mask = mx.broadcast_to(mask[None, :, None], (b, nw, 1, W, mask.shape[-1]))
         out = self._sdpa(q, k, v, mask.reshape(b * nw, 1, W, -1))
         out = out.reshape(b, nw, h, W, dh).transpose(0, 2, 1, 3, 4).reshape(b, h, nw * W, dh)
         return out[:, :, start - w0 * W : start - w0 * W + n]

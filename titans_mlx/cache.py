@@ -11,7 +11,9 @@ A flat list with two entries per layer (``model.make_cache()``):
   because what stays visible is decided by segments, not by a count of keys.
 - ``ArraysCache``: the layer's NeuralMemory state, slots ``[buffer, read_context, *grad_point, *last_update,
   *momentum]`` (unused slots None; a single None slot in a layer without memory). The memory's ``seq_index`` is
-  not stored: the memory has seen every position before ``offset``, so it is ``offset - len(buffer)``.
+  not stored: the memory has seen every position before ``offset``, so it is ``offset - len(buffer)``. The
+  paper-order MAC (titans_mlx.variants) adds one last slot: its memory's weights at the current segment's start,
+  flattened into one array (the segment's remaining tokens still read them).
 
 Why these classes: mlx-lm's server batches requests when every cache entry has ``merge``, converting caches into
 left-padded batch caches; left padding would shift a sequence's segment layout and write padding into its memory.
@@ -24,14 +26,16 @@ from __future__ import annotations
 
 from typing import Optional
 
+import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, ChunkedKVCache
 
 from .memory import MemoryState
 
 
-def make_layer_cache(max_keys: int, memory_tensors: int) -> list:
-    """The two cache entries of one layer; memory_tensors: its memory model's weight tensors (0: no memory)."""
-    return [ChunkedKVCache(max_keys), ArraysCache(2 + 3 * memory_tensors if memory_tensors else 1)]
+def make_layer_cache(max_keys: int, memory_tensors: int, segment_start: bool = False) -> list:
+    """The two cache entries of one layer; memory_tensors: its memory model's weight tensors (0: no memory);
+    segment_start: one more slot for the memory's weights at the segment's start (the paper-order MAC)."""
+    return [ChunkedKVCache(max_keys), ArraysCache(2 + 3 * memory_tensors + segment_start if memory_tensors else 1)]
 
 
 def read_memory_state(entry: ArraysCache, position: int) -> Optional[MemoryState]:
@@ -39,9 +43,9 @@ def read_memory_state(entry: ArraysCache, position: int) -> Optional[MemoryState
     slots = entry.cache
     if slots[0] is None:
         return None
-    n = (len(slots) - 2) // 3
+    n = (len(slots) - 2) // 3  # the optional segment-start slot does not change it
     buffer, context = slots[0], slots[1]
-    momentum = slots[2 + 2 * n:]
+    momentum = slots[2 + 2 * n:2 + 3 * n]
     return MemoryState(position - buffer.shape[-2], list(slots[2:2 + n]), list(slots[2 + n:2 + 2 * n]),
                        None if momentum[0] is None else list(momentum), buffer, context)
 
@@ -51,13 +55,26 @@ def memory_states(cache: list) -> list:
     return [read_memory_state(memory, attention.offset) for attention, memory in zip(cache[0::2], cache[1::2])]
 
 
-def write_memory_state(entry: ArraysCache, state: MemoryState) -> None:
+def write_memory_state(entry: ArraysCache, state: MemoryState, segment_start: Optional[list] = None) -> None:
     n = len(state.grad_point)
-    if len(entry.cache) != 2 + 3 * n:
+    slots = 2 + 3 * n + (segment_start is not None)
+    if len(entry.cache) != slots:
         raise ValueError(f"this cache entry holds {len(entry.cache)} slots, a memory state of {n} tensors needs "
-                         f"{2 + 3 * n}; use model.make_cache()")
+                         f"{slots}; use model.make_cache()")
     entry.cache = [state.buffer, state.read_context, *state.grad_point, *state.last_update,
                    *(state.momentum or [None] * n)]
+    if segment_start is not None:  # (BH, *shape) each, flattened into one (BH, total) array
+        entry.cache.append(mx.concatenate([w.reshape(w.shape[0], -1) for w in segment_start], axis=1))
+
+
+def read_segment_start(entry: ArraysCache, like: list) -> Optional[list]:
+    """The weights write_memory_state kept as segment_start, shaped like the arrays of `like`; None if absent."""
+    flat = entry.cache[-1] if len(entry.cache) % 3 == 0 else None  # 2 + 3n + 1 slots
+    if flat is None:
+        return None
+    sizes = [w.size // w.shape[0] for w in like]
+    cuts = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    return [part.reshape(w.shape) for part, w in zip(mx.split(flat, cuts, axis=1), like)]
 
 
 def check_cache(model, cache: list) -> None:
@@ -81,14 +98,15 @@ def check_cache(model, cache: list) -> None:
     position = offsets.pop()
     for i, layer in enumerate(model.layers):
         attention, memory = cache[2 * i], cache[2 * i + 1]
-        attn = layer.attn
-        if attention.keys is not None:
+        attn = getattr(layer, "attn", None)  # None: a block without attention (the memory alone), keys never kept
+        if attention.keys is not None and attn is not None:
             shape, want = tuple(attention.keys.shape), (attn.heads, attention.offset - attention.start_position,
-                                                        attn.dim_head)
+                                                        attn.cached_width)
             if len(shape) != 4 or shape[1:] != want or tuple(attention.values.shape) != shape:
                 raise ValueError(f"layer {i + 1}: attention cache of shape {shape}, this model needs (batch, *{want})")
-        elif position:
-            raise ValueError(f"layer {i + 1}: the attention cache is empty at position {position}")
+        elif attention.keys is not None or (position and attn is not None):
+            raise ValueError(f"layer {i + 1}: the attention cache is {'not ' if attn is None else ''}empty at "
+                             f"position {position}")
         state = read_memory_state(memory, position) if layer.has_memory else None
         if state is not None:
             batch = state.buffer.shape[-3]

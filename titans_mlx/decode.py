@@ -22,8 +22,8 @@ TRACES = {"token_step": 0}  # times the step was traced (tests check that decodi
 def eligible(model, cache: list, inputs: mx.array) -> bool:
     """Whether the call model(inputs, cache) may take the compiled step (else the general path, which also names
     what does not fit)."""
-    if inputs.shape[1] != 1:
-        return False
+    if inputs.shape[1] != 1 or not all(getattr(layer, "compiled_decode", False) for layer in model.layers):
+        return False  # several tokens, or blocks other than titans-pytorch's MAC layer (variants.py)
     start = cache[0].offset
     if model.positions_for(model._tokens_before(start) + 1) - start != 1:  # long-term tokens come first
         return False

@@ -63,9 +63,12 @@ def attention_reach(model) -> Optional[int]:
     within itself, however deep the stack. Persistent memory tokens are the same for every text, and the residual
     streams and value residual mix only a position with itself, so nothing else carries text across positions: the
     rest is the neural memory's doing."""
-    if not model.args.sliding_window_attn:
+    attns = [layer.attn for layer in model.layers if "attn" in layer]
+    if not attns:  # the memory alone (titans_lmm): attention carries nothing
+        return 0
+    if not all(attn.sliding for attn in attns):
         return None
-    return model.args.depth * model.window
+    return len(attns) * model.window
 
 
 def attention_sees(model, query_token: int, key_token: int) -> bool:

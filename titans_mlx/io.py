@@ -74,18 +74,50 @@ class ModelType:
     """How to build a model of one `model_type` and how to write its full config.
 
     `mlx_lm_module`: the module with the `Model` and `ModelArgs` mlx-lm should build (see `MLX_LM_MODEL_FILE`),
-    or None where mlx-lm has no use for the model.
+    or None where mlx-lm has no use for the model. `block`: for a language model (titans_mlx.mac.Model), the block
+    class its layers are, given its ModelArgs; None for other models.
     """
 
     build: Callable[[dict], nn.Module]
     complete: Callable[[dict], dict]
     mlx_lm_module: Optional[str] = None
+    block: Optional[Callable[[object], type]] = None
 
 
+def _mac_block(args):
+    from .mac import MACLayer
+    from .variants import PaperMACLayer
+
+    return PaperMACLayer if args.paper_order else MACLayer
+
+
+def _variant_block(name: str):
+    def block(args):
+        from . import variants
+
+        return getattr(variants, name)
+
+    return block
+
+
+# every model type, in one place; the language models share titans_mlx.mac.Model and differ in their block
 MODEL_TYPES: Dict[str, ModelType] = {
-    "titans_mac": ModelType(_build_mac, _complete_mac, "titans_mlx.mac"),
+    "titans_mac": ModelType(_build_mac, _complete_mac, "titans_mlx.mac", _mac_block),
+    "titans_mag": ModelType(_build_mac, _complete_mac, "titans_mlx.mac", _variant_block("MAGBlock")),
+    "titans_mal": ModelType(_build_mac, _complete_mac, "titans_mlx.mac", _variant_block("MALBlock")),
+    "titans_lmm": ModelType(_build_mac, _complete_mac, "titans_mlx.mac", _variant_block("LMMBlock")),
     "titans_neural_memory": ModelType(_build_memory, _complete_memory),
 }
+
+
+def language_model_types() -> list:
+    """The model types built as titans_mlx.mac.Model (token ids in, logits out): what train/generate/evaluate run."""
+    return [name for name, kind in MODEL_TYPES.items() if kind.block is not None]
+
+
+def block_class(args) -> type:
+    """The block class the layers of a language model with these ModelArgs are."""
+    return MODEL_TYPES[args.model_type].block(args)
 
 
 def model_type_of(config: dict) -> ModelType:

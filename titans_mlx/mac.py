@@ -5,6 +5,10 @@ Layout of a sequence of n tokens: after every ``segment_len`` tokens come ``num_
 removed before the final norm. Every layer: [NeuralMemory (store, then retrieve) ->] segmented attention -> SwiGLU
 feed-forward, each branch on residual streams (plain residual, or hyper-connections with several streams).
 
+``Model`` reads embed -> layout -> block(x, cache) for each block -> norm -> logits, and is also the model of the
+paper's other architectures (titans_mag, titans_mal, titans_lmm, titans_mac with paper_order): ``io.MODEL_TYPES``
+gives each model_type its block class, MACLayer here or one of titans_mlx/variants.py.
+
 With a cache (``make_cache``) a sequence can be fed in any pieces; the model inserts the long-term tokens itself when
 a piece crosses a segment boundary. Decoding keeps only the attention window(s) and the NeuralMemory state.
 Note: titans-pytorch's own cached ``sample(use_cache=True)`` drops the current window in block (non-sliding) mode for
@@ -24,7 +28,8 @@ import numpy as np
 
 from .attention import RMSNorm, SegmentedAttention, wide
 from . import decode
-from .cache import make_layer_cache, read_memory_state, write_memory_state
+from .blocks import AxialPositionalEmbedding, FeedForward, PlainResidual, build_memory, checkpointed, run_memory
+from .cache import make_layer_cache
 
 
 @dataclass
@@ -57,6 +62,8 @@ class ModelArgs:
     # text then gets the same memory keys wherever it stands, and prompts longer than training meet no extrapolated
     # segment-index embedding: a titans-pytorch probe recalled passkeys at 4x its training length only this way.
     absolute_positions: bool = True
+    # titans-mlx only, titans_mac: the paper's order (v1 eqs. 21-25) instead of titans-pytorch's; see variants.py
+    paper_order: bool = False
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -72,8 +79,10 @@ class ModelArgs:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.model_type != "titans_mac":
-            raise ValueError(f"model_type must be 'titans_mac', got {self.model_type!r}")
+        from .io import language_model_types
+
+        if self.model_type not in language_model_types():
+            raise ValueError(f"model_type must be one of {', '.join(language_model_types())}, got {self.model_type!r}")
         if self.neural_memory_segment_len is None:
             self.neural_memory_segment_len = self.segment_len + self.num_longterm_mem_tokens
         if self.neural_memory_layers is None:
@@ -88,45 +97,6 @@ class ModelArgs:
                              f"({', '.join(sorted(reserved))}), got {self.neural_memory_kwargs!r}")
         if self.neural_memory_model is not None and not isinstance(self.neural_memory_model, dict):
             raise ValueError("neural_memory_model must be a dict like {'class': 'MemoryMLP', 'dim': 64, ...} or None")
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, mult: float = 4):
-        super().__init__()
-        inner = int(dim * mult * 2 / 3)
-        self.norm = RMSNorm(dim)
-        self.proj_in = nn.Linear(dim, inner * 2)
-        self.proj_out = nn.Linear(inner, dim)
-
-    def __call__(self, x: mx.array) -> mx.array:
-        value, gate = mx.split(self.proj_in(self.norm(x)), 2, axis=-1)
-        return self.proj_out(nn.silu(gate) * value)
-
-
-class AxialPositionalEmbedding(nn.Module):
-    """pos(t) = mlps[0](t // P) + mlps[1](t % P), each MLP fed the raw integer as a float."""
-
-    def __init__(self, dim: int, period: int):
-        super().__init__()
-        self.period = period
-        hidden = 2 * dim
-        self.mlps = [
-            nn.Sequential(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, dim))
-            for _ in range(2)
-        ]
-
-    def __call__(self, start: int, stop: int, dtype) -> mx.array:
-        P = self.period
-        lo, hi = start // P, (stop - 1) // P + 1
-        outer = self.mlps[0](mx.arange(lo, hi, dtype=dtype)[:, None])
-        inner = self.mlps[1](mx.arange(P, dtype=dtype)[:, None])
-        pos = mx.arange(start, stop)
-        return outer[pos // P - lo] + inner[pos % P]
-
-    def at(self, pos: mx.array, dtype) -> mx.array:
-        """The embedding (1, dim) of one position given as an int array (the compiled decode step)."""
-        column = lambda t: t.astype(dtype).reshape(1, 1)
-        return self.mlps[0](column(pos // self.period)) + self.mlps[1](column(pos % self.period))
 
 
 class MemoryQKVSelector(nn.Module):
@@ -145,14 +115,9 @@ class MemoryQKVSelector(nn.Module):
         return mx.einsum("bndl,bnvl->vbnd", stacked, weights)
 
 
-class _PlainResidual:
-    """One residual stream: branch sees x, output is x + branch_out."""
-
-    def __call__(self, x):
-        return x, lambda out: out + x
-
-
 class MACLayer(nn.Module):
+    compiled_decode = True  # titans_mlx.decode has this layer's single-token step
+
     def __init__(self, args: ModelArgs, layer: int, has_memory: bool, weight_residual: bool):
         super().__init__()
         streams = args.num_residual_streams
@@ -174,26 +139,21 @@ class MACLayer(nn.Module):
             if has_memory:
                 self.mem_hyper_conn = hc(add_branch_out_to_residual=not args.neural_mem_gate_attn_output)
         if has_memory:
-            from .memory import NeuralMemory
-
-            model = None
-            if args.neural_memory_model is not None:
-                from .memory_models import build_memory_model
-
-                model = build_memory_model(dict(args.neural_memory_model))
             if layer > 1 and args.neural_memory_qkv_receives_diff_views:
                 self.mem_qkv_selector = MemoryQKVSelector(args.dim, (layer - 1) * 4 + 1)
-            try:
-                self.mem = NeuralMemory(
-                    dim=args.dim, chunk_size=args.neural_memory_segment_len, batch_size=args.neural_memory_batch_size,
-                    model=model, qkv_receives_diff_views=True, accept_weight_residual=weight_residual,
-                    **args.neural_memory_kwargs,
-                )
-            except TypeError as e:
-                raise ValueError(f"neural_memory_kwargs: {e}") from None
+            self.mem = build_memory(args, weight_residual)
+
+    @staticmethod
+    def check_args(args: "ModelArgs") -> None:
+        """Every MemoryAsContextTransformer option applies to this layer."""
+
+    def make_cache(self) -> list:
+        """This layer's two cache entries (attention window, memory state); see titans_mlx.cache."""
+        return make_layer_cache(self.attn.max_cached_keys,
+                                len(self.mem.memory_model_parameters) if self.has_memory else 0)
 
     def _hc(self, name):
-        return self[name] if name in self else _PlainResidual()
+        return self[name] if name in self else PlainResidual()
 
     def wire(self, x, views, memory, attend):
         """The layer's branches on residual streams: memory(qkv) -> what it read; attend(attn_in, gates) ->
@@ -236,18 +196,8 @@ class MACLayer(nn.Module):
 
         def memory(qkv):
             nonlocal prev_weights, record
-            state = read_memory_state(cache[1], start) if cache is not None else None
-            extra = dict(return_surprises=True, return_stats=True) if return_memory else {}
-            if self.chain_weights:  # the next memory layer mixes these weights into its own (weight residual)
-                retrieved, state, *more = self.mem(qkv, state, prev_weights, return_updates=True, **extra)
-                prev_weights = more.pop(1 if return_memory else 0)
-            else:
-                retrieved, state, *more = self.mem(qkv, state, **extra)
-            if return_memory:  # more: (losses, step sizes) of return_surprises, the dict of return_stats
-                (surprises, step_sizes), stats = more
-                record = dict(stats, surprises=surprises, step_sizes=step_sizes, retrieved=retrieved)
-            if cache is not None:
-                write_memory_state(cache[1], state)
+            retrieved, prev_weights, record = run_memory(self.mem, qkv, cache[1] if cache is not None else None, start,
+                                                         prev_weights, self.chain_weights, return_memory)
             return retrieved
 
         def attend(attn_in, gates):
@@ -257,16 +207,6 @@ class MACLayer(nn.Module):
         if return_memory:
             return x, values, prev_weights, views, record
         return x, values, prev_weights, views
-
-
-def _checkpointed(layer: nn.Module):
-    """layer, recomputed in the backward pass (mx.checkpoint); its parameters go in explicitly so they get gradients."""
-
-    def run(params, *args):
-        layer.update(params)
-        return layer(*args)
-
-    return lambda *args: mx.checkpoint(run)(layer.trainable_parameters(), *args)
 
 
 class Model(nn.Module):
@@ -285,10 +225,14 @@ class Model(nn.Module):
         self.longterm_mems = mx.random.normal((M, args.dim)) * 0.02
         if args.num_residual_streams > 1:
             self.stream_embed = mx.zeros((args.num_residual_streams, args.dim))
+        from .io import block_class  # the block of each model type is registered with it, in io.MODEL_TYPES
+
+        block = block_class(args)
+        block.check_args(args)
         memory_layers = set(args.neural_memory_layers)
         first_memory = min(memory_layers, default=None)
         self.layers = [
-            MACLayer(args, i, i in memory_layers, args.neural_mem_weight_residual and i != first_memory)
+            block(args, i, i in memory_layers, args.neural_mem_weight_residual and i != first_memory)
             for i in range(1, args.depth + 1)
         ]
         self.norm = RMSNorm(args.dim)
@@ -316,11 +260,7 @@ class Model(nn.Module):
 
     def make_cache(self) -> list:
         """An empty cache: two mlx-lm cache entries per layer (attention window, memory state); see titans_mlx.cache."""
-        cache = []
-        for layer in self.layers:
-            cache += make_layer_cache(layer.attn.max_cached_keys,
-                                      len(layer.mem.memory_model_parameters) if layer.has_memory else 0)
-        return cache
+        return [entry for layer in self.layers for entry in layer.make_cache()]
 
     def __call__(self, inputs: mx.array, cache: Optional[list] = None, return_memory: bool = False):
         """Token ids (b, n) -> logits (b, n, num_tokens); with a cache from make_cache(), continues the sequence.
@@ -349,19 +289,30 @@ class Model(nn.Module):
             empty = mx.zeros((b, 0, self.args.num_tokens), self.norm.weight.dtype)  # norm: never quantized
             return (empty, [None] * len(self.layers)) if return_memory else empty
 
-        tokens = self.token_emb(inputs)
         index, token_positions = self._layout(start, stop, n)
+        x = self._embed(inputs, index, start, stop)
+        x, records = self._blocks(x, start, cache, return_memory)
+        x = self._unembed(x, token_positions)
+        logits = self.to_logits(self.norm(x))
+        return (logits, records) if return_memory else logits
+
+    def _embed(self, inputs, index, start: int, stop: int) -> mx.array:
+        # token embeddings laid out with the long-term tokens at positions start..stop-1, plus positions, as streams
+        b = inputs.shape[0]
+        tokens = self.token_emb(inputs)
         if self.num_longterm:
             mems = mx.broadcast_to(self.longterm_mems[None].astype(tokens.dtype), (b, self.num_longterm, tokens.shape[-1]))
             tokens = mx.concatenate([tokens, mems], axis=1)
         x = tokens[:, mx.array(index)]
         if self.axial_pos_emb is not None:
             x = x + self.axial_pos_emb(start, stop, x.dtype)
-
-        streams = self.args.num_residual_streams
-        if streams > 1:
+        if self.args.num_residual_streams > 1:
             x = x[:, :, None, :] + self.stream_embed.astype(x.dtype)
+        return x
 
+    def _blocks(self, x, start: int, cache, return_memory: bool):
+        # every block on x; what a block hands the next (the first attention's values for the value residual, the
+        # memory's weights per chunk for the weight residual, the qkv views) passes along here
         value_residual, prev_weights, views, records = None, None, [], []
         for i, layer in enumerate(self.layers):
             layer_cache = cache[2 * i:2 * i + 2] if cache is not None else None
@@ -372,16 +323,18 @@ class Model(nn.Module):
             else:
                 run = layer
                 if self.checkpoint_layers and cache is None:
-                    run = _checkpointed(layer)
+                    run = checkpointed(layer)
                 x, values, prev_weights, views = run(x, start, layer_cache, value_residual, prev_weights, views)
             value_residual = values if value_residual is None else value_residual
+        return x, records
 
-        if streams > 1:
+    def _unembed(self, x, token_positions) -> mx.array:
+        # streams summed, long-term tokens dropped: one vector per token of the call
+        if self.args.num_residual_streams > 1:
             x = x.sum(axis=2)
         if self.num_longterm:
             x = x[:, mx.array(token_positions)]
-        logits = self.to_logits(self.norm(x))
-        return (logits, records) if return_memory else logits
+        return x
 
     def loss(self, ids: mx.array, weights: Optional[mx.array] = None) -> mx.array:
         """Mean next-token cross-entropy of ids (b, n), as titans-pytorch's forward(ids, return_loss=True).

@@ -39,7 +39,8 @@ from .train_state import write_checkpoint
 def setup_arg_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m titans_mlx.train", description="Train a Titans (MLX) model on text.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--config", help="JSON of the model's keyword arguments (the converter's format): from scratch")
+    src.add_argument("--config", help="JSON of the model's keyword arguments (the converter's format), or preset:NAME "
+                     "(python -m titans_mlx.presets lists them): from scratch")
     src.add_argument("--model", help="Model directory to continue from (converted or trained)")
     p.add_argument("--data", required=True,
                    help="Directory with train.jsonl and valid.jsonl ({\"text\": ...} per line), a directory of .txt "

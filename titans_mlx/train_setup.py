@@ -84,6 +84,13 @@ def _check_out(args) -> None:
 def _read_config(path: str) -> dict:
     from .mac import ModelArgs
 
+    if path.startswith("preset:"):  # a named config of titans_mlx.presets
+        from .presets import preset
+
+        try:
+            return preset(path[len("preset:"):])
+        except ValueError as e:
+            raise TrainError(f"--config {path}: {e}") from None
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -94,10 +101,12 @@ def _read_config(path: str) -> dict:
         raise TrainError(f"--config {path}: invalid JSON ({e})") from None
     if not isinstance(config, dict):
         raise TrainError(f"--config {path}: expected a JSON object of MemoryAsContextTransformer arguments")
+    from .io import language_model_types
+
     config.setdefault("model_type", "titans_mac")
-    if config["model_type"] != "titans_mac":
+    if config["model_type"] not in language_model_types():
         raise TrainError(f"--config {path}: model_type {config['model_type']!r} cannot be trained as a language "
-                         "model (only 'titans_mac')")
+                         f"model (expected one of {', '.join(language_model_types())})")
     # ModelArgs.from_dict drops unknown keys; a misspelt option would silently train another model
     from .io import MLX_LM_CONFIG_KEYS  # what a model dir's config.json adds for mlx-lm, so it can be fed back in
 
