@@ -235,6 +235,18 @@ def test_resume_equals_uninterrupted(files, tmp_path):
     assert max((mx.abs(opt_a[k] - opt_b[k]).max()).item() for k in opt_b if k != "step") <= 1e-6
 
 
+def test_a_state_saved_before_an_option_existed_resumes(files, tmp_path):
+    # runs saved by an earlier titans-mlx have no entry for options added since (paper_order, absolute_positions)
+    assert train(files, tmp_path / "a", "--iters", 2, "--save-every", 0) == 0
+    state_file = tmp_path / "a" / "training_state" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("paper_order", "absolute_positions"):
+        assert state["config"].pop(key) in (False, True)
+    state_file.write_text(json.dumps(state))
+    assert train(files, tmp_path / "a", "--iters", 3, "--resume", "--save-every", 0) == 0
+    assert saved_step(tmp_path / "a") == 3
+
+
 def test_ctrl_c_writes_a_checkpoint_that_resumes_exactly(files, tmp_path):
     # cosine schedule over --iters: the interrupted + resumed run must follow the same learning rates
     flags = ["--iters", 60, "--warmup", 4, "--seq-len", 16, "--batch-size", 2]

@@ -200,8 +200,14 @@ def run_settings(args) -> dict:
 def _check_resume(meta: dict, config: dict, args, corpus: Corpus, tokenizer) -> None:
     from .session import tokenizer_identity
 
+    from .io import complete_config
+
     out = args.out
     saved = meta.get("config", {})
+    try:  # a state saved before an option existed holds no value for it: its default is what that run used
+        saved = complete_config(saved)
+    except (ValueError, TypeError, KeyError):
+        pass  # compared as saved: the difference is reported below
     for key in sorted(set(saved) | set(config)):
         if saved.get(key) != config.get(key):
             raise TrainError(f"--resume: the state in {out} is from another config ({key}: saved {saved.get(key)!r}, "
