@@ -100,11 +100,10 @@ def same_views(x: mx.array) -> mx.array:
 
 
 def run_memory(mem, qkv, entry, start: int, prev_weights=None, chain_weights: bool = False,
-               return_memory: bool = False, segment_start=None):
+               return_memory: bool = False):
     """Write and read ``qkv`` with the memory whose state is in the cache entry (an ArraysCache, or None for a
     one-call forward), at positions start.. . Returns (what it read, the weights per chunk for the next memory layer
-    or prev_weights, a record of what it wrote and read with return_memory else None). segment_start: weights the
-    cache keeps beside the state (the paper-order MAC's memory at its segment's start)."""
+    or prev_weights, a record of what it wrote and read with return_memory else None)."""
     state = read_memory_state(entry, start) if entry is not None else None
     extra = dict(return_surprises=True, return_stats=True) if return_memory else {}
     record = None
@@ -117,7 +116,7 @@ def run_memory(mem, qkv, entry, start: int, prev_weights=None, chain_weights: bo
         (surprises, step_sizes), stats = more
         record = dict(stats, surprises=surprises, step_sizes=step_sizes, retrieved=retrieved)
     if entry is not None:
-        write_memory_state(entry, state, segment_start)
+        write_memory_state(entry, state)
     return retrieved, prev_weights, record
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from .attention import RMSNorm, SegmentedAttention, wide
 from . import decode
-from .blocks import AxialPositionalEmbedding, FeedForward, PlainResidual, build_memory, checkpointed, run_memory
+from .blocks import AxialPositionalEmbedding, FeedForward, Residuals, build_memory, checkpointed, run_memory
 from .cache import make_layer_cache
 
 
@@ -115,12 +115,11 @@ class MemoryQKVSelector(nn.Module):
         return mx.einsum("bndl,bnvl->vbnd", stacked, weights)
 
 
-class MACLayer(nn.Module):
+class MACLayer(Residuals, nn.Module):
     compiled_decode = True  # titans_mlx.decode has this layer's single-token step
 
     def __init__(self, args: ModelArgs, layer: int, has_memory: bool, weight_residual: bool):
         super().__init__()
-        streams = args.num_residual_streams
         self.has_memory = has_memory
         self.gate_attn_output = args.neural_mem_gate_attn_output
         self.collect_views = args.neural_memory_qkv_receives_diff_views
@@ -130,14 +129,10 @@ class MACLayer(nn.Module):
             args.dim_head, args.heads, args.sliding_window_attn, accept_value_residual=layer > 1,
         )
         self.ff = FeedForward(args.dim, args.ff_mult)
-        if streams > 1:
-            from .hyper_connections import HyperConnection
-
-            hc = lambda **kw: HyperConnection(args.dim, streams, legacy=args.legacy_hyper_connections,
-                                              legacy_mix_residuals=args.legacy_hyper_connections_mix_residuals, **kw)
-            self.attn_hyper_conn, self.ff_hyper_conn = hc(), hc()
-            if has_memory:
-                self.mem_hyper_conn = hc(add_branch_out_to_residual=not args.neural_mem_gate_attn_output)
+        self.add_hyper_connections(args, "attn_hyper_conn", "ff_hyper_conn")
+        if has_memory:
+            self.add_hyper_connections(args, "mem_hyper_conn",
+                                       add_branch_out_to_residual=not args.neural_mem_gate_attn_output)
         if has_memory:
             if layer > 1 and args.neural_memory_qkv_receives_diff_views:
                 self.mem_qkv_selector = MemoryQKVSelector(args.dim, (layer - 1) * 4 + 1)
@@ -152,16 +147,13 @@ class MACLayer(nn.Module):
         return make_layer_cache(self.attn.max_cached_keys,
                                 len(self.mem.memory_model_parameters) if self.has_memory else 0)
 
-    def _hc(self, name):
-        return self[name] if name in self else PlainResidual()
-
     def wire(self, x, views, memory, attend):
         """The layer's branches on residual streams: memory(qkv) -> what it read; attend(attn_in, gates) ->
         (out, values). Shared by __call__ and the compiled decode step (titans_mlx.decode), which read and attend
         differently. Returns (x, values, views extended by this layer's)."""
         gates = None
         if self.has_memory:
-            mem_in, add_mem = self._hc("mem_hyper_conn")(x)
+            mem_in, add_mem = self.residual("mem_hyper_conn")(x)
             if "mem_qkv_selector" in self:
                 qkv = self.mem_qkv_selector(mem_in, [mem_in, *views])
             else:
@@ -171,10 +163,10 @@ class MACLayer(nn.Module):
                 gates = mx.sigmoid(retrieved)
             else:
                 x = add_mem(retrieved)
-        attn_in, add_attn = self._hc("attn_hyper_conn")(x)
+        attn_in, add_attn = self.residual("attn_hyper_conn")(x)
         attn_out, values = attend(attn_in, gates)
         x = add_attn(attn_out)
-        ff_in, add_ff = self._hc("ff_hyper_conn")(x)
+        ff_in, add_ff = self.residual("ff_hyper_conn")(x)
         ff_out = self.ff(ff_in)
         x = add_ff(ff_out)
         if self.collect_views:
