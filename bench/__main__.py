@@ -29,10 +29,10 @@ from pathlib import Path
 from bench import env as E
 from bench import profile as P
 from bench.flops import neural_memory_flops
-from bench.report import comparisons, markdown, plot
+from bench.report import comparisons, form_comparisons, markdown, plot
 
 DEFAULT_OUT = E.ROOT / "bench" / "results"
-IMPLS = ("torch", "mlx")
+IMPLS = ("torch", "mlx", "mlx-loop")  # mlx-loop: titans_mlx with the dual form off (memory_step.DUAL_FORM)
 
 
 class UserError(Exception):
@@ -61,7 +61,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=1)
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--impl", default="auto",
-                   help="mlx, torch, or mlx,torch; auto (default) = both when titans_pytorch is importable")
+                   help="comma list of mlx, torch, mlx-loop (titans_mlx with the store's dual form off); auto (default) = "
+                        "mlx and torch when titans_pytorch is importable")
     m.add_argument("--warmup", type=int, default=1)
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1,
@@ -116,7 +117,7 @@ def _resolve_impls(args) -> list[str]:
     impls = [i.strip() for i in args.impl.split(",") if i.strip()]
     bad = [i for i in impls if i not in IMPLS]
     if bad or not impls:
-        raise UserError(f"--impl: unknown implementation {bad or args.impl!r}; choose from mlx, torch")
+        raise UserError(f"--impl: unknown implementation {bad or args.impl!r}; choose from {', '.join(IMPLS)}")
     if "torch" in impls and not _has_module(args.torch_python, "titans_pytorch"):
         raise UserError(f"--impl torch: titans_pytorch is not importable by {args.torch_python} "
                         "(pip install -e '.[parity]', or pass --torch-python)")
@@ -195,16 +196,16 @@ def run_memory(args, argv) -> int:
                            "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
                            "threads": args.threads, "seed": args.seed, "matmul_size": args.matmul_size,
                            "matmul_repeats": args.matmul_repeats}
-                    if impl == "torch" and args.same_weights and "mlx" in impls:
+                    if impl == "torch" and args.same_weights and len(impls) > 1:
                         cfg["export"] = ref = os.path.join(tmp, f"ref_{n}_{c}.npz")
-                    if impl == "mlx" and ref and os.path.exists(ref):
+                    if impl != "torch" and ref and os.path.exists(ref):
                         cfg["reference"] = ref
                     cfg_path, res_path = os.path.join(tmp, "cfg.json"), os.path.join(tmp, "res.json")
                     if os.path.exists(res_path):
                         os.remove(res_path)
                     python = args.torch_python if impl == "torch" else sys.executable
                     extra_env = dict(blas_extra, **({"MLX_DISABLE_COMPILE": "1"} if args.no_compile else {}))
-                    env = _worker_env(extra_env if impl == "mlx" else {}, args.threads)
+                    env = _worker_env(extra_env if impl != "torch" else {}, args.threads)
                     prefix, perf_data = [], None
                     if args.profile:
                         prefix, extra, perf_data = P.prepare(tmp, f"{impl}_{n}_{c}")
@@ -236,6 +237,7 @@ def run_memory(args, argv) -> int:
     doc["flops_per_config"] = {f"n{n}_c{c}": neural_memory_flops(n, args.dim, c, args.batch, args.heads)
                                for n in args.seq_lens for c in args.chunk}
     doc["comparisons"] = comparisons(doc["results"])
+    doc["form_comparisons"] = form_comparisons(doc["results"])
     paths = write_outputs(doc, out_dir / name, plot_png=not (args.no_plot or args.profile))
     for p in paths:
         print(p)

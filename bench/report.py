@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-IMPL_NAMES = {"torch": "titans-pytorch", "mlx": "titans_mlx"}
+IMPL_NAMES = {"torch": "titans-pytorch", "mlx": "titans_mlx", "mlx-loop": "titans_mlx (loop form)"}
 
 
 def _mb(x):
@@ -33,6 +33,16 @@ def comparisons(results: list[dict]) -> list[dict]:
                         "mlx_peak_rss_delta_bytes": mp, "mlx_over_torch_peak_memory": mem_ratio,
                         "target_met": bool(speedup > 1 and mem_ratio is not None and mem_ratio <= 0.25)})
     return out
+
+
+def form_comparisons(results: list[dict]) -> list[dict]:
+    """Pair titans_mlx as it runs (dual form where it applies) with its loop form, per (seq_len, chunk)."""
+    by = {}
+    for r in results:
+        if r.get("status") == "ok":
+            by.setdefault((r["seq_len"], r["chunk"]), {})[r["impl"]] = r
+    return [{"seq_len": n, "chunk": c, "speedup_over_loop": d["mlx-loop"]["median_s"] / d["mlx"]["median_s"]}
+            for (n, c), d in sorted(by.items()) if "mlx" in d and "mlx-loop" in d]
 
 
 def markdown(doc: dict) -> str:
@@ -70,13 +80,17 @@ def markdown(doc: dict) -> str:
             lines.append(f"| {c['seq_len']} | {c['chunk']} | {c['speedup_mlx_over_torch']:.2f}× "
                          f"| {'—' if cs is None else f'{cs:.2f}×'} "
                          f"| {'—' if mr is None else f'{mr:.3f}'} | {'met' if c['target_met'] else 'missed'} |")
-    checks = [(r["seq_len"], r["chunk"], r["check"]) for r in doc["results"]
+    forms = form_comparisons(doc["results"])
+    if forms:
+        lines += ["", "| n | C | titans_mlx speed-up over its loop form (loop time / time) |", "|---:|---:|---:|"]
+        lines += [f"| {f['seq_len']} | {f['chunk']} | {f['speedup_over_loop']:.2f}× |" for f in forms]
+    checks = [(r["seq_len"], r["chunk"], r["check"], IMPL_NAMES.get(r["impl"])) for r in doc["results"]
               if r.get("status") == "ok" and r.get("check")]
     if checks:
         lines += [""]
-        for n, c, ch in checks:
+        for n, c, ch, name in checks:
             if "max_abs_diff_vs_torch" in ch:
-                lines.append(f"- n={n}, C={c}: titans_mlx ran on titans-pytorch's weights and input; output max abs "
+                lines.append(f"- n={n}, C={c}: {name} ran on titans-pytorch's weights and input; output max abs "
                              f"diff {ch['max_abs_diff_vs_torch']:.2e} (relative {ch['max_rel_diff_vs_torch']:.2e}).")
             else:
                 lines.append(f"- n={n}, C={c}: weights {ch['weights']}.")
@@ -140,7 +154,7 @@ def plot(doc: dict, path: str) -> bool:
     if len({r["seq_len"] for r in ok}) >= 3:
         return _plot_sweep(doc, ok, path, plt)
     keys = sorted({(r["seq_len"], r["chunk"]) for r in ok})
-    impls = [i for i in ("torch", "mlx") if any(r["impl"] == i for r in ok)]
+    impls = [i for i in IMPL_NAMES if any(r["impl"] == i for r in ok)]
     blas = {r["impl"]: r["blas"]["description"] for r in ok}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(len(impls), 1)

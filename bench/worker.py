@@ -123,6 +123,9 @@ def _setup_mlx(cfg):
     import mlx.core as mx
     from titans_mlx.memory import NeuralMemory
 
+    if cfg["impl"] == "mlx-loop":  # the store's recurrences chunk by chunk, never in the dual form
+        import titans_mlx.memory_step as memory_step
+        memory_step.DUAL_FORM = False
     mx.random.seed(cfg["seed"])
     mem = NeuralMemory(dim=cfg["dim"], chunk_size=cfg["chunk"], heads=cfg["heads"])
     ref = None
@@ -202,7 +205,7 @@ def run_worker(cfg: dict) -> dict:
     res["backend"] = backend
     res["setup_s"] = time.perf_counter() - t0
 
-    is_mlx = cfg["impl"] == "mlx"
+    is_mlx = cfg["impl"] != "torch"
     if is_mlx:
         import mlx.core as mx
         mx.clear_cache()

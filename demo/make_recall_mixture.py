@@ -13,6 +13,15 @@ Writes OUT/train.jsonl and OUT/valid.jsonl (mlx-lm's formats) and OUT/mixture.js
   The completion is the answer and a full stop; train with ``--prompt-loss-weight 0.1 --completion-loss-weight 10``
   so that five digits weigh about a seventh of a batch's loss, as in the titans-pytorch probe that learned passkeys.
 - valid.jsonl: the held-out chapters as text only, so the validation loss is the bits/byte target's measure.
+
+A warm-up stage in the setting of the titans-pytorch probe that learned passkeys (short samples, passkey only) is
+
+    python demo/make_recall_mixture.py --out demo/data/passkey384 --seq-len 384 --min-len 256 \
+        --tasks passkey --samples 20000 --no-text
+
+``--min-len``: each record's length is drawn uniformly from [min-len, seq-len] (+1) instead of exactly seq-len + 1
+(the trainer pads it); ``--tasks``: a subset of the tasks, their shares renormalised; ``--samples``: that many
+retrieval samples instead of ``--retrieval-ratio`` per text window; ``--no-text``: no text records in train.jsonl.
 The retrieval samples are one ``random.Random(--seed)`` stream; the harness seeds each prompt from a hash of (seed,
 task, length, depth, index) (evaluate.sample_seed) and is run with held-out chapters as its haystack, so no
 evaluation prompt is a training prompt.
@@ -44,8 +53,18 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="the trainer's --seq-len (bytes)")
     p.add_argument("--retrieval-ratio", type=float, default=2.0,
                    help="retrieval samples per text window (default 2: two thirds of all samples)")
+    p.add_argument("--min-len", type=int, default=None, help="shortest record (default: every record seq-len + 1)")
+    p.add_argument("--tasks", default=",".join(TASK_SHARES), help=f"comma list of {', '.join(TASK_SHARES)}")
+    p.add_argument("--samples", type=int, default=None, help="retrieval samples (default: --retrieval-ratio)")
+    p.add_argument("--no-text", action="store_true", help="leave the training chapters out of train.jsonl")
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
+    tasks = args.tasks.split(",")
+    if not set(tasks) <= set(TASK_SHARES) or not tasks:
+        p.error(f"--tasks: expected a comma list of {', '.join(TASK_SHARES)}")
+    min_len = args.seq_len if args.min_len is None else args.min_len
+    if not 0 < min_len <= args.seq_len:
+        p.error("--min-len must lie in [1, --seq-len]")
 
     corpus, out = Path(args.corpus), Path(args.out)
     train_chapters = chapters((corpus / "train.txt").read_text())
@@ -53,23 +72,25 @@ def main() -> None:
     tokenizer = ByteTokenizer()
     haystack = sentences_of("\n".join(train_chapters))
     text_bytes = sum(len(c.encode()) + 1 for c in train_chapters)
-    n_retrieval = int(text_bytes // args.seq_len * args.retrieval_ratio)
+    n_retrieval = (int(text_bytes // args.seq_len * args.retrieval_ratio) if args.samples is None
+                   else args.samples)
     rng = random.Random(args.seed)
-    names, shares = zip(*TASK_SHARES.items())
+    names, shares = zip(*((t, TASK_SHARES[t]) for t in tasks))
     counts = {name: 0 for name in names}
-    records = [{"text": c} for c in train_chapters]
+    records = [] if args.no_text else [{"text": c} for c in train_chapters]
     for _ in range(n_retrieval):
         name = rng.choices(names, shares)[0]
+        length = args.seq_len if min_len == args.seq_len else rng.randint(min_len, args.seq_len)
         task = name.split("_")[0]
         completion = COMPLETION[task]
         # the answer is drawn inside make_sample: build with a placeholder-free length, then append the answer
         probe = rng.getstate()
-        sample = make_sample(task, tokenizer, args.seq_len, rng.random(), rng,
+        sample = make_sample(task, tokenizer, length, rng.random(), rng,
                              haystack if name in ("niah_kjv", "babilong") else None)
         tail = completion.format(sample.answer)
-        # a record is exactly seq_len + 1 tokens: redo it with room for the answer (same rng draws, so same answer)
+        # a record is exactly length + 1 tokens: redo it with room for the answer (same rng draws, so same answer)
         rng.setstate(probe)
-        sample = make_sample(task, tokenizer, args.seq_len + 1 - len(tail.encode()), rng.random(), rng,
+        sample = make_sample(task, tokenizer, length + 1 - len(tail.encode()), rng.random(), rng,
                              haystack if name in ("niah_kjv", "babilong") else None)
         assert completion.format(sample.answer) == tail
         records.append({"prompt": tokenizer.decode(sample.ids), "completion": tail})
@@ -80,9 +101,10 @@ def main() -> None:
         f.writelines(json.dumps(r) + "\n" for r in records)
     with open(out / "valid.jsonl", "w") as f:
         f.writelines(json.dumps({"text": c}) + "\n" for c in valid_chapters)
-    summary = {"seq_len": args.seq_len, "seed": args.seed, "train_chapters": len(train_chapters),
-               "valid_chapters": len(valid_chapters), "train_text_bytes": text_bytes, "retrieval": counts,
-               "task_shares": TASK_SHARES}
+    summary = {"seq_len": args.seq_len, "min_len": min_len, "text": not args.no_text, "seed": args.seed,
+               "train_chapters": len(train_chapters), "valid_chapters": len(valid_chapters),
+               "train_text_bytes": text_bytes, "retrieval": counts,
+               "task_shares": {n: round(w / sum(shares), 4) for n, w in zip(names, shares)}}
     (out / "mixture.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
 

@@ -80,6 +80,17 @@ def test_memory_smoke(tmp_path):
         assert mlx_res["check"]["max_rel_diff_vs_torch"] < 1e-4, mlx_res["check"]
 
 
+def test_memory_smoke_loop_form(tmp_path):
+    # --impl mlx-loop runs titans_mlx with the store's dual form off, and the report compares the two forms
+    r = _bench("memory", "--seq-lens", "128", "--dim", "32", "--chunk", "8", "--warmup", "0", "--repeats", "1",
+               "--matmul-size", "0", "--impl", "mlx,mlx-loop", "--out", str(tmp_path), "--name", "forms", "--no-plot")
+    assert r.returncode == 0, r.stderr + r.stdout
+    doc = json.loads((tmp_path / "forms.json").read_text())
+    assert [(r["impl"], r["status"]) for r in doc["results"]] == [("mlx", "ok"), ("mlx-loop", "ok")]
+    assert [(f["seq_len"], f["chunk"]) for f in doc["form_comparisons"]] == [(128, 8)]
+    assert "loop form" in (tmp_path / "forms.md").read_text()
+
+
 def test_flop_formula_default_config():
     from bench.flops import neural_memory_flops
 

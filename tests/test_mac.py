@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
+import titans_mlx.memory_step as memory_step
 from titans_mlx.mac import Model, ModelArgs
 
 
@@ -48,7 +49,15 @@ def random_splits(n, rng, max_piece):
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_any_split_equals_one_call(name):
+@pytest.mark.parametrize("dual", [False, True])
+def test_any_split_equals_one_call(name, dual, monkeypatch):
+    # Pieces shorter than a memory block store in the loop form (memory_step), longer ones in the dual form where it
+    # applies. In the loop form alone every split must give the one call's logits to 1e-5; with the dual form the
+    # comparison crosses forms, which agree to ~1e-6 per memory (test_memory_dual) but a chaotic random fixture
+    # (sliding_s1_ttt_heads: a 1e-7 relative change of its embedding moves its logits by 3e-5) amplifies that to
+    # ~4e-5, so there the whole-model tolerance, 1e-4, applies
+    monkeypatch.setattr(memory_step, "DUAL_FORM", dual)
+    tol = 1e-4 if dual else 1e-5
     model, arrays, _ = load_fixture(name)
     tokens = arrays["tokens"]
     full = model(tokens)
@@ -66,7 +75,7 @@ def test_any_split_equals_one_call(name):
     for cuts in splits:
         cache = model.make_cache()
         pieces = [model(tokens[:, a:b], cache=cache) for a, b in cuts]
-        assert rel_err(mx.concatenate(pieces, axis=1), full) <= 1e-5, cuts
+        assert rel_err(mx.concatenate(pieces, axis=1), full) <= tol, cuts
 
 
 def test_cache_keeps_only_the_window():

@@ -21,6 +21,7 @@ from mlx.utils import tree_map
 
 from .attention import wide
 from .memory_models import MemoryMLP, MemoryModel, ResidualNorm, build_memory_model
+from . import memory_step
 from .memory_step import ACTIVATIONS, Structure, retrieve, store_block
 
 # a processing block holds at most this many bytes of per-chunk memory weights (gradients and updates each)
@@ -102,8 +103,9 @@ def _traced_store_block(*args, **kwargs):
 
 
 def _compiled_store_block(structure: Structure, want_updates: bool, want_stats: bool = False):
-    # the statistics are a separate compiled function, so the everyday step computes nothing extra
-    key = (structure, want_updates) + ((True,) if want_stats else ())
+    # the statistics are a separate compiled function, so the everyday step computes nothing extra; the form of the
+    # recurrences is part of the key, so that switching memory_step.DUAL_FORM takes effect
+    key = (structure, want_updates, memory_step.DUAL_FORM) + ((True,) if want_stats else ())
     if key not in _COMPILED:
         kwargs = {"want_stats": True} if want_stats else {}
         _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates, **kwargs))

@@ -290,21 +290,23 @@ def _mlp_forward(weights, keys):
 
 
 def _mlp_backward(weights, inputs, pre, d_out, chunked):
-    grads = [None] * len(weights)
+    # each weight's gradient as its two factors (layer input, output cotangent), chunked (BH, K, c, .): the gradient
+    # of chunk k is factors[0][:, k].T @ factors[1][:, k]
+    factors = [None] * len(weights)
     dz = d_out
     for i in reversed(range(len(weights))):
-        grads[i] = mx.swapaxes(chunked(inputs[i]), -1, -2) @ chunked(dz)
+        factors[i] = (chunked(inputs[i]), chunked(dz))
         if i:
             dz = (dz @ mx.swapaxes(weights[i], -1, -2)) * gelu_grad(pre[i - 1])
-    return grads
+    return factors
 
 
-def mlp_store_grads(model: MemoryModel, params, keys, values, lr):
-    """Closed-form gradients of ``sum_t lr_t * mean_d (model(params, k_t) - v_t)^2`` for (ResidualNorm of) MemoryMLP.
-
-    keys/values (BH, K, c, d), lr (BH, K, c); params either one gradient point per memory, (BH, *shape), or one
-    per chunk, (BH, K, *shape). Returns per-chunk grads (BH, K, *shape) and the unweighted loss (BH, K, c).
-    """
+def mlp_store_factors(model: MemoryModel, params, keys, values, lr):
+    """The per-chunk gradients of ``mlp_store_grads`` before their outer products: for each weight matrix the pair
+    (inputs (BH, K, c, in), output cotangents (BH, K, c, out)), whose product ``inputs.T @ cotangents`` per chunk is
+    the gradient; for ResidualNorm's gain vector its gradient itself (BH, K, d). And the unweighted loss (BH, K, c).
+    A memory whose weights are a sum of such products reads ``q @ W`` as ``(q @ inputs.T) @ cotangents`` (the dual
+    form in memory_step): large matmuls instead of one weight-sized update per chunk."""
     bh, k, c, d = keys.shape
     residual = isinstance(model, ResidualNorm)
     weights = params[1:] if residual else params
@@ -332,6 +334,16 @@ def mlp_store_grads(model: MemoryModel, params, keys, values, lr):
         d_norm - mx.mean(d_norm, axis=-1, keepdims=True) - normed * mx.mean(d_norm * normed, axis=-1, keepdims=True)
     )
     return [d_gamma, *_mlp_backward(weights, inputs, pre, d_out, chunked)], loss
+
+
+def mlp_store_grads(model: MemoryModel, params, keys, values, lr):
+    """Closed-form gradients of ``sum_t lr_t * mean_d (model(params, k_t) - v_t)^2`` for (ResidualNorm of) MemoryMLP.
+
+    keys/values (BH, K, c, d), lr (BH, K, c); params either one gradient point per memory, (BH, *shape), or one
+    per chunk, (BH, K, *shape). Returns per-chunk grads (BH, K, *shape) and the unweighted loss (BH, K, c).
+    """
+    factors, loss = mlp_store_factors(model, params, keys, values, lr)
+    return [f if not isinstance(f, tuple) else mx.swapaxes(f[0], -1, -2) @ f[1] for f in factors], loss
 
 
 def has_closed_form(model: MemoryModel) -> bool:

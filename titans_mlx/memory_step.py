@@ -5,6 +5,13 @@ memory network in one batched pass, runs the momentum ("surprise") and forget-ga
 retrieves the K query windows that each new set of weights serves. It is compiled once per (structure, K) and reused
 for every sequence length; hyper-parameters enter as arrays so new values do not recompile.
 
+The recurrences run in one of two forms. The loop form applies each chunk's update to the weights and reads them,
+K weight-sized updates and K small reads. The dual form (``dual_form``), for MLP memories whose recurrences are
+linear (no spectral norm, gated transition, gradient clamp or learned momentum combine), writes every chunk's
+weights as U_k = A_k U_0 + B_k S_0 - sum_j W_kj X_j^T D_j, with X_j, D_j the factors of chunk j's gradient, so a read
+q @ U_k is A_k (q @ U_0) + B_k (q @ S_0) - ((q @ X^T) * W) @ D over all chunks at once: a few large matmuls (TTT's
+dual form); the weights are formed once per DUAL_TOKENS queries. Both forms are the same arithmetic up to rounding.
+
 Layouts: b batch, H heads, BH = b*H (batch-major, as titans-pytorch's ``(b h)``), K chunks, C chunk size,
 u keys per token, dh head width. Memory parameters are lists of arrays with a leading BH (and K) axis.
 """
@@ -17,7 +24,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .memory_models import MemoryModel, has_closed_form, mlp_store_grads
+from .memory_models import (MemoryModel, ResidualNorm, _layer_norm, gelu, has_closed_form, mlp_store_factors,
+                            mlp_store_grads)
 
 ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "tanh": mx.tanh, "sigmoid": mx.sigmoid}
 
@@ -178,6 +186,119 @@ def retrieve(s: Structure, p, weights, x):
     return _read_out(s, p, s.model(weights, q), x)
 
 
+DUAL_TOKENS = 256  # queries per dual-form sub-block: its (q @ X^T) is DUAL_TOKENS^2 per head, then weights are formed
+DUAL_FORM = True  # False: always the loop form (read when a block is traced; bench --impl mlx-loop, the agreement tests)
+# The dual form does more arithmetic in fewer, larger ops; it wins for small chunks, where the loop form's K
+# weight-sized updates dominate (NeuralMemory(dim=384), 4K tokens, 1 CPU thread + OpenBLAS: chunk 8 2.0-2.3x,
+# chunk 16 1.05-1.4x, chunk 32 0.9-1.0x, chunk 64 0.75-0.95x of the loop form's tokens/s)
+DUAL_MAX_CHUNK = 16
+
+
+def dual_form(s: Structure, want_updates: bool, want_stats: bool, K: int) -> bool:
+    """Whether store_block runs the recurrences in the dual form (see the module docstring)."""
+    return (DUAL_FORM and K > 1 and s.chunk_size <= DUAL_MAX_CHUNK and s.loss_fn is None and has_closed_form(s.model)
+            and not want_updates and not want_stats
+            and not (s.spectral_norm or s.gated_transition or s.clamp_grad_norm or s.learned_combine
+                     or s.weight_residual or (s.momentum and s.momentum_order != 1)))
+
+
+def _segment_weights(log_a, v):
+    """G (BH, K, K): G[k, m] = v_m * prod_{m < i <= k} a_i for m <= k, else 0, from log a (BH, K) and v (K,)."""
+    cum = mx.cumsum(log_a, axis=-1)
+    K = log_a.shape[-1]
+    lower = mx.arange(K)[:, None] >= mx.arange(K)[None, :]
+    diff = mx.where(lower, cum[:, :, None] - cum[:, None, :], -mx.inf)
+    return mx.exp(diff) * v, mx.exp(cum)
+
+
+def _dual_store(s: Structure, factors, decay, eta, mod, valid, U, S, queries):
+    """The recurrences and reads of K chunks in the dual form: (U, S, reads (BH, K*C, dh)).
+
+    factors: mlp_store_factors' output (per parameter (X, D) each (BH, K, c, .), or a vector gradient (BH, K, d));
+    decay (BH, K); eta (BH, K) or None; mod (params, BH, K) or None; U: list (BH, *shape); S: list (1, BH, *shape)
+    or None; queries (BH, K*C, dh). Chunk k: S_k = e_k S_{k-1} - v_k g_k, U_k = a_k U_{k-1} + v_k S_k (momentum) or
+    U_k = a_k U_{k-1} - v_k g_k, with a = 1 - decay, e = eta, v = 1 on valid chunks and a = e = 1, v = 0 on padding.
+    So U_k = A_k U_0 + B_k S_0 - sum_j W_kj g_j and S_k = E_k S_0 - sum_j G_kj g_j, the coefficients products of gates.
+    """
+    bh, K = decay.shape
+    C = queries.shape[1] // K
+    residual = isinstance(s.model, ResidualNorm)
+    sub = max(1, DUAL_TOKENS // C)
+    v = valid.astype(decay.dtype)
+    log_a = mx.where(valid, mx.log1p(-decay), 0.0)
+    log_e = mx.where(valid, mx.log(eta), 0.0) if eta is not None else None
+    U, S = list(U), (None if S is None else [m[0] for m in S])
+    rows = lambda t: mx.repeat(t, C, axis=1)[..., None]  # per chunk (BH, n) -> per query row (BH, n*C, 1)
+    reads = []
+    for k0 in range(0, K, sub):
+        k1 = min(K, k0 + sub)
+        n = k1 - k0
+        Ga, A = _segment_weights(log_a[:, k0:k1], v[k0:k1])  # U_k's weights on S_m (momentum) or on -g_m
+        if S is not None:
+            G, E = _segment_weights(log_e[:, k0:k1], v[k0:k1])  # S_m's weights on -g_j, and on S_0
+            W, B = Ga @ G, Ga @ E[..., None]
+        else:
+            W, B = Ga, None
+
+        def weights(coef, i):  # the chunk-pair weights of parameter i: its modulation scales the source chunk
+            return coef if mod is None else coef * mod[i][:, None, k0:k1]
+
+        def flat(t):
+            return t[:, k0:k1].reshape(bh, -1, t.shape[-1])  # (BH, K, c, .) -> (BH, n*c, .)
+
+        def matmul(i, h):
+            # h (BH, n*C, in): the rows of chunk k times parameter i after chunk k
+            X, D = factors[i]
+            c = X.shape[2]
+            if S is None:
+                out = rows(A) * (h @ U[i])
+            else:  # one matmul for both terms
+                both = h @ mx.concatenate([U[i], S[i]], axis=-1)
+                out = rows(A) * both[..., :U[i].shape[-1]] + rows(B[..., 0]) * both[..., U[i].shape[-1]:]
+            mask = mx.broadcast_to(weights(W, i)[:, :, None, :, None], (bh, n, C, n, c)).reshape(bh, n * C, n * c)
+            return out - ((h @ mx.swapaxes(flat(X), -1, -2)) * mask) @ flat(D)
+
+        q = queries[:, k0 * C:k1 * C]
+        first = 1 if residual else 0
+        h = q
+        for i in range(first, len(factors)):
+            h = matmul(i, gelu(h) if i > first else h)
+        if residual:  # the gain vector, per chunk: small enough to form for every chunk
+            g = factors[0][:, k0:k1]
+            gamma = A[..., None] * U[0][:, None] - weights(W, 0) @ g
+            if S is not None:
+                gamma = gamma + B * S[0][:, None]
+            h = _layer_norm(h) * (mx.repeat(gamma, C, axis=1) + 1.0) + q
+        reads.append(h)
+
+        # the state after the sub-block: its last chunk's row of the coefficients
+        newU, newS = [], []
+        for i, f in enumerate(factors):
+            wu = weights(W, i)[:, -1]  # (BH, n)
+            if not isinstance(f, tuple):  # the gain vector
+                g = f[:, k0:k1]
+                newU.append(A[:, -1:] * U[i] - mx.sum(wu[..., None] * g, axis=1)
+                            + (B[:, -1] * S[i] if S is not None else 0.0))
+                if S is not None:
+                    newS.append(E[:, -1:] * S[i] - mx.sum(weights(G, i)[:, -1][..., None] * g, axis=1))
+                continue
+            X, D = f
+            c = X.shape[2]
+            per_row = lambda w: mx.repeat(w, c, axis=1)[..., None]  # (BH, n) -> (BH, n*c, 1)
+            Dw = flat(D) * per_row(wu)
+            if S is not None:  # both sums in one matmul
+                Dw = mx.concatenate([Dw, flat(D) * per_row(weights(G, i)[:, -1])], axis=-1)
+            sums = mx.swapaxes(flat(X), -1, -2) @ Dw
+            width = U[i].shape[-1]
+            newU.append(_expand(A[:, -1], U[i].ndim) * U[i] - sums[..., :width]
+                        + (_expand(B[:, -1, 0], U[i].ndim) * S[i] if S is not None else 0.0))
+            if S is not None:
+                newS.append(_expand(E[:, -1], S[i].ndim) * S[i] - sums[..., width:])
+        U, S = newU, (newS if S is not None else None)
+    reads = mx.concatenate(reads, axis=1) if len(reads) > 1 else reads[0]
+    return U, (None if S is None else [m[None] for m in S]), reads
+
+
 def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update, momentum, store_x, valid, boundary,
                 retrieve_x, prev, want_stats: bool = False):
     """Store K chunks and read the K windows they serve.
@@ -233,18 +354,26 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
         point = grad_point
     if s.lookahead:  # train each key on the next token's value, within the chunk
         keys, values, lr = keys[:, :, :-1], values[:, :, 1:], lr[:, :, :-1]
+    dual = dual_form(s, want_updates, want_stats, K)
+    n_params = len(grad_point)
+    mod = (per_chunk("to_layer_modulation", n_params) * hp["max_mem_layer_modulation"]
+           if s.layer_lr_modulation else None)
+    eta = per_chunk("to_momentum", s.momentum_order) if s.momentum else None
+    if dual:
+        factors, loss = mlp_store_factors(s.model, point, keys, values, lr)
+        rx, queries = _queries(s, p, retrieve_x)
+        U, S, reads = _dual_store(s, factors, decay, None if eta is None else eta[0], mod, valid, last_update,
+                                  momentum, queries)
+        return U, S, _read_out(s, p, reads, rx), None, (loss, lr)
     grads, loss = chunk_grads(s, point, keys, values, lr)
     if s.clamp_grad_norm:
         grads = [_softclamp_norm(g, hp["max_grad_norm"], 2) for g in grads]
-    if s.layer_lr_modulation:
-        mod = per_chunk("to_layer_modulation", len(grads)) * hp["max_mem_layer_modulation"]
+    if mod is not None:
         grads = [_expand(m, g.ndim) * g for m, g in zip(mod, grads)]
-    if s.momentum:
-        eta = per_chunk("to_momentum", s.momentum_order)
-        if s.learned_combine:
-            orders = s.momentum_order + int(s.combine_include_zeroth)
-            combine = per_chunk("to_learned_momentum_combine", orders, fn=None)
-            combine = mx.softmax(combine, axis=0, precise=True)
+    if s.momentum and s.learned_combine:
+        orders = s.momentum_order + int(s.combine_include_zeroth)
+        combine = per_chunk("to_learned_momentum_combine", orders, fn=None)
+        combine = mx.softmax(combine, axis=0, precise=True)
 
     # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S; each new U serves
     # the next window of C queries. The momentum never depends on U, so every chunk's update is known first and
