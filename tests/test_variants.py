@@ -151,7 +151,7 @@ def test_generation_takes_the_general_path_and_matches_a_full_forward():
     prompt = mx.array(np.random.RandomState(7).randint(0, 256, (12,)))
     cache = model.make_cache()
     model(prompt[None, :11], cache=cache)
-    assert not decode.eligible(model, cache, prompt[None, 11:])  # the compiled step is the MAC's own
+    assert decode.eligible(model, cache, prompt[None, 11:]) is None  # the compiled step is the MAC's own
     out = [t for t, _ in zip((tok for tok, _ in generate_step(prompt, model, max_tokens=6)), range(6))]
     ids = prompt.tolist()
     for _ in range(6):  # greedy, every step one uncached forward of the whole sequence

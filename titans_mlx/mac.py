@@ -272,8 +272,10 @@ class Model(nn.Module):
             raise ValueError(f"cache has {len(cache)} entries, the model needs {2 * len(self.layers)} (two per layer); "
                              "use model.make_cache()")
         b, n = inputs.shape
-        if cache is not None and not return_memory and self.compile_decode and decode.eligible(self, cache, inputs):
-            return decode.step(self, inputs, cache)
+        plan = decode.eligible(self, cache, inputs) if cache is not None and not return_memory and \
+            self.compile_decode else None
+        if plan is not None:
+            return decode.step(self, inputs, cache, plan)
         start = cache[0].offset if cache is not None else 0
         seen = self._tokens_before(start)
         stop = self.positions_for(seen + n)

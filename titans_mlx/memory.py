@@ -372,8 +372,22 @@ class NeuralMemory(nn.Module):
             kc = min(kmax, n_chunks - c0)
             if ttt is not None:
                 kc = min(kc, ttt // C - (first_chunk + c0) % (ttt // C))
-            yield c0, kc, ttt is not None and ((first_chunk + c0 + kc) * C) % ttt == 0
+            yield c0, kc, self.ends_batch(first_chunk + c0 + kc, ttt)
             c0 += kc
+
+    def ends_batch(self, chunks: int, ttt: Optional[int]) -> bool:
+        """Whether the first ``chunks`` chunks end a TTT mini-batch (the gradient point moves to the latest weights
+        there); ttt: the mini-batch in tokens, or None (one mini-batch: the whole sequence)."""
+        return ttt is not None and (chunks * self.chunk_size) % ttt == 0
+
+    def _block_hparams(self, dtype) -> dict:
+        hparams = {k: v.astype(dtype) for k, v in self._hparams.items()}
+        if "transition_gate" in self:
+            hparams["transition_gate"] = mx.sigmoid(self.transition_gate.astype(dtype))
+        return hparams
+
+    def _params_as(self, dtype) -> dict:
+        return tree_map(lambda a: a if a.dtype == dtype else a.astype(dtype), self._dense_parameters())
 
     def _views(self, x):
         # (the caller's dtype, x in the memory's dtype, the query-view tokens, the store-view tokens); the memory
@@ -389,8 +403,22 @@ class NeuralMemory(nn.Module):
         (y, the store-view tokens it appends to the state's buffer). The compiled decode step's memory read: no
         Python ints, so it traces once; only for memory networks that read each token on its own (tokenwise)."""
         out_dtype, x, retrieve_x, store_new = self._views(x)
-        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), self._dense_parameters())
-        return retrieve(self.structure, params, last_update, retrieve_x).astype(out_dtype), store_new
+        return retrieve(self.structure, self._params_as(x.dtype), last_update, retrieve_x).astype(out_dtype), store_new
+
+    def complete_chunk(self, x, grad_point: list, last_update: list, momentum, buffer, write, boundary, prev=None):
+        """What ``__call__`` gives the one token that completes a chunk, the chunk's other C - 1 store-view tokens
+        being ``buffer``: the chunk is stored, then the token reads the new weights. Returns (y, last_update,
+        momentum or []). write: (1,) bool, False when the memory is frozen; boundary: (1,) bool, True when the chunk
+        ends a TTT mini-batch (see ends_batch; the caller then moves the gradient point); prev: with a weight
+        residual, the previous memory layer's weights before this chunk, (BH, *shape) each. The compiled decode
+        step's store: arrays only, so it traces once; for tokenwise memory networks."""
+        out_dtype, x, retrieve_x, store_new = self._views(x)
+        store = mx.concatenate([buffer.astype(x.dtype), store_new], axis=-2)
+        read = mx.pad(retrieve_x, [(0, 0), (0, self.chunk_size - retrieve_x.shape[1]), (0, 0)])
+        last_update, momentum, y, _, _ = store_block(
+            self.structure, False, self._params_as(x.dtype), self._block_hparams(x.dtype), grad_point, last_update,
+            momentum or None, store, write, boundary, read, None if prev is None else [w[:, None] for w in prev])
+        return y[:, :retrieve_x.shape[1]].astype(out_dtype), last_update, momentum or []
 
     def __call__(self, x, state=None, prev_weights=None, return_surprises=False, return_updates=False,
                  detach_mem_state=False, ttt_batch_size=None, store_seq=None, store_mask=None, return_stats=False):
@@ -422,7 +450,7 @@ class NeuralMemory(nn.Module):
         # tokens before position seq_index + C - 1 read the memory as it stands now; the rest read it in windows of
         # C tokens, window j after the j-th chunk completed in this call
         head = min(m, max(0, state.seq_index + C - 1 - p))
-        params = tree_map(lambda a: a if a.dtype == x.dtype else a.astype(x.dtype), self._dense_parameters())
+        params = self._params_as(x.dtype)
         outputs = []
         context = state.read_context
         if context is not None:  # the window's earlier tokens are part of what a cross-token memory reads
@@ -441,9 +469,7 @@ class NeuralMemory(nn.Module):
         body = mx.pad(body, [(0, 0), (0, n_windows * C - body.shape[1]), (0, 0)])
         updates, losses, lrs, stats = [[w[:, None]] for w in last_update], [], [], []
         step = _compiled_store_block(s, return_updates, return_stats)
-        hparams = {k: v.astype(x.dtype) for k, v in self._hparams.items()}
-        if "transition_gate" in self:
-            hparams["transition_gate"] = mx.sigmoid(self.transition_gate.astype(x.dtype))
+        hparams = self._block_hparams(x.dtype)
         for c0, kc, ends_batch in self._blocks(first_chunk, n_chunks, ttt, batch):
             K = 1 << (kc - 1).bit_length()  # bucket the block size: a handful of compiled shapes
             pad = [(0, 0)] * (store_all.ndim - 2) + [(0, (K - kc) * C), (0, 0)]
