@@ -43,7 +43,8 @@ def add_parser(sub, int_list):
                    help="run the mlx-lm llama reference only up to this depth (its prefill attention is quadratic: "
                         "at 128K a 2048-token block's scores alone are 8.6 GB; default 32768)")
     m.add_argument("--prefill-step", type=int, default=2048, help="prefill block (default 2048, as mlx-lm)")
-    m.add_argument("--config", default=None, help="MAC config JSON file (default: a small built-in one, see "
+    m.add_argument("--config", default=None, help="MAC config JSON file, or the name of one of `bench train`'s "
+                                                  "(small, train_mac, chunk16) (default: a small built-in one, see "
                                                   "bench/mac.py)")
     m.add_argument("--threads", type=int, default=1)
     m.add_argument("--blas", default="stock", help="stock, openblas or a libblas.so path (MLX workers)")
@@ -64,7 +65,10 @@ def run_mac(args, argv, main) -> int:
     if args.tg < 1 or args.threads < 1 or args.prefill_step < 1 or args.matmul_size < 0:
         raise main.UserError("--tg, --threads and --prefill-step must be >= 1")
     cfg_mac = dict(MAC_CONFIG)
-    if args.config:
+    from bench.train import CONFIGS as TRAIN_CONFIGS
+    if args.config in TRAIN_CONFIGS:  # a config of `python -m bench train` by name (small, train_mac, chunk16)
+        cfg_mac = dict(TRAIN_CONFIGS[args.config])
+    elif args.config:
         try:
             with open(args.config) as f:
                 cfg_mac = json.load(f)
