@@ -17,14 +17,14 @@ python demo/make_recall_mixture.py --out demo/data/passkey384 --seq-len 384 --mi
 python demo/make_recall_mixture.py --corpus demo/data --out demo/data/stage2 --seq-len 640 --min-len 400 \
     --tasks passkey,niah_kjv,niah_noise --retrieval-ratio 1 --seed 2
 
-# 2. stage 1 from scratch (2 CPU cores: about 25 minutes): the loss on the answer, 0.1 on the rest
+# 2. stage 1 from scratch (2 CPU cores: about 30 minutes): the loss on the answer, 0.1 on the rest
 python -m titans_mlx.train --config demo/passkey_probe_config.json --data demo/data/passkey384 --out "$OUT/probe" \
     --force --iters 1500 --batch-size 16 --seq-len 384 --prompt-loss-weight 0.1 --completion-loss-weight 1 \
     --learning-rate 2e-3 --warmup 30 --lr-schedule constant --grad-clip 0.5 --val-batches 4 --steps-per-eval 250 \
     --steps-per-report 10 --save-every 50 --seed 0
 python demo/teacher_forced.py --model "$OUT/probe" --lengths 256,1024,2048,4096 --samples 24
 
-# 3. stage 2 from stage 1's weights (about 60 minutes): the language model back, the other tasks in
+# 3. stage 2 from stage 1's weights (about 70 minutes): the language model back, the other tasks in
 python -m titans_mlx.train --model "$OUT/probe" --data demo/data/stage2 --out "$OUT/stage2" --force --iters 2000 \
     --batch-size 16 --seq-len 640 --prompt-loss-weight 0.1 --completion-loss-weight 5 --learning-rate 1.5e-3 \
     --warmup 20 --lr-schedule cosine --grad-clip 0.5 --val-batches 8 --steps-per-eval 250 --steps-per-report 10 \
@@ -32,14 +32,20 @@ python -m titans_mlx.train --model "$OUT/probe" --data demo/data/stage2 --out "$
 # after an interruption, either stage's command again with --resume instead of --force
 
 # 4. what it recalls, with its memory learning and frozen (held-out chapters as the S-NIAH and BABILong haystack)
-R=demo/results/recall_eval
+R=demo/results/recall_model
 python -m titans_mlx.evaluate --model "$OUT/stage2" --tasks passkey --lengths 1024,4096,16384,32768 \
-    --depths 0,0.25,0.5,0.75,1 --samples 4 --ablation frozen-memory --out $R/passkey
+    --depths 0,0.25,0.5,0.75,1 --samples 4 --ablation frozen-memory --out $R/passkey | tee $R/passkey.txt
 python -m titans_mlx.evaluate --model "$OUT/stage2" --tasks niah --haystack demo/data/val.txt \
-    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --ablation frozen-memory --out $R/niah
+    --lengths 1024,2048,4096,8192 --depths 0,0.25,0.5,0.75,1 --samples 4 --ablation frozen-memory --out $R/niah \
+    | tee $R/niah.txt
 python -m titans_mlx.evaluate --model "$OUT/stage2" --tasks vt,babilong --haystack demo/data/val.txt \
-    --lengths 1024,4096 --depths 0,0.5,1 --samples 4 --ablation frozen-memory --out $R/vt_babilong
+    --lengths 1024,4096 --depths 0,0.5,1 --samples 4 --ablation frozen-memory --out $R/vt_babilong \
+    | tee $R/vt_babilong.txt
 
-# 5. still a language model: bits/byte on held-out chapters, this model and the one it would replace
-python demo/valid_bpb.py --model "$OUT/stage2" --text demo/data/val.txt | tee demo/results/valid_bpb.jsonl
-python demo/valid_bpb.py --model titans_mlx/demo_model --text demo/data/val.txt | tee -a demo/results/valid_bpb.jsonl
+# 5. still a language model: bits/byte on held-out chapters, this model and the demo model
+python demo/valid_bpb.py --model "$OUT/stage2" --text demo/data/val.txt | tee $R/valid_bpb.jsonl
+python demo/valid_bpb.py --model titans_mlx/demo_model --text demo/data/val.txt | tee -a $R/valid_bpb.jsonl
+
+# 6. ship it: the model files only (the card, titans_mlx/recall_model/README.md, lives in git)
+cp "$OUT"/stage2/{config.json,model.safetensors,titans_model.py,tokenizer.json,tokenizer_config.json} \
+    titans_mlx/recall_model/
