@@ -66,7 +66,8 @@ def markdown(doc: dict) -> str:
          "the last full prefill block (B tokens on top of x); `tg<N> @ d<d>` = N decoded tokens after the context. "
          "t/s = wall-clock tokens/s, CPU t/s = tokens per second of process CPU time (less disturbed by other load); "
          "primitives/token: MLX primitives in the graph of each of the next window of decoded tokens, mean (min–max; "
-         "a compiled function counts as one), what each decoded token dispatches.",
+         "a compiled function counts as the primitives it compiles to, each fused element-wise group one), what "
+         "each decoded token dispatches.",
          "", "| model | BLAS | test | t/s | CPU t/s | primitives/token |", "|---|---|---|---:|---:|---:|"]
     for impl in ORDER:
         for r in doc["results"]:

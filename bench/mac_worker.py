@@ -63,7 +63,8 @@ def _mlx_model(cfg):
 
 def _primitives_per_token(model, state, token, n):
     """MLX primitives in the graph of each of the next n decoded tokens (a copy of the cache; a whole window, so
-    chunk-boundary and segment-boundary tokens are in): {mean, min, max}. A compiled function counts as one."""
+    chunk-boundary and segment-boundary tokens are in): {mean, min, max}. A compiled function counts as what it
+    compiles to (each fused element-wise group one): about what the token dispatches."""
     import copy
     import io
 
