@@ -61,8 +61,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     m.add_argument("--heads", type=int, default=1)
     m.add_argument("--batch", type=int, default=1)
     m.add_argument("--impl", default="auto",
-                   help="comma list of mlx, torch, mlx-loop (titans_mlx with the store's dual form off); auto (default) = "
-                        "mlx and torch when titans_pytorch is importable")
+                   help="comma list of mlx, torch, mlx-loop (titans_mlx with the store's dual form off); "
+                        "auto (default) = mlx and torch when titans_pytorch is importable")
     m.add_argument("--warmup", type=int, default=1)
     m.add_argument("--repeats", type=int, default=5)
     m.add_argument("--threads", type=int, default=1,

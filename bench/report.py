@@ -13,14 +13,19 @@ def _g(x):
     return "—" if x is None else f"{x / 1e9:.1f}"
 
 
-def comparisons(results: list[dict]) -> list[dict]:
-    """Pair torch and mlx results of the same (seq_len, chunk)."""
+def _ok_by_config(results: list[dict]) -> list:
+    """The successful results as sorted ((seq_len, chunk), {impl: result}) pairs."""
     by = {}
     for r in results:
         if r.get("status") == "ok":
             by.setdefault((r["seq_len"], r["chunk"]), {})[r["impl"]] = r
+    return sorted(by.items())
+
+
+def comparisons(results: list[dict]) -> list[dict]:
+    """Pair torch and mlx results of the same (seq_len, chunk)."""
     out = []
-    for (n, c), d in sorted(by.items()):
+    for (n, c), d in _ok_by_config(results):
         if "torch" in d and "mlx" in d:
             t, m = d["torch"], d["mlx"]
             tp, mp = t["memory"]["peak_rss_delta_bytes"], m["memory"]["peak_rss_delta_bytes"]
@@ -37,12 +42,8 @@ def comparisons(results: list[dict]) -> list[dict]:
 
 def form_comparisons(results: list[dict]) -> list[dict]:
     """Pair titans_mlx as it runs (dual form where it applies) with its loop form, per (seq_len, chunk)."""
-    by = {}
-    for r in results:
-        if r.get("status") == "ok":
-            by.setdefault((r["seq_len"], r["chunk"]), {})[r["impl"]] = r
     return [{"seq_len": n, "chunk": c, "speedup_over_loop": d["mlx-loop"]["median_s"] / d["mlx"]["median_s"]}
-            for (n, c), d in sorted(by.items()) if "mlx" in d and "mlx-loop" in d]
+            for (n, c), d in _ok_by_config(results) if "mlx" in d and "mlx-loop" in d]
 
 
 def markdown(doc: dict) -> str:

@@ -272,8 +272,9 @@ class Model(nn.Module):
             raise ValueError(f"cache has {len(cache)} entries, the model needs {2 * len(self.layers)} (two per layer); "
                              "use model.make_cache()")
         b, n = inputs.shape
-        plan = decode.eligible(self, cache, inputs) if cache is not None and not return_memory and \
-            self.compile_decode else None
+        plan = None  # the compiled decode step's plan, when this call may take it
+        if cache is not None and not return_memory and self.compile_decode:
+            plan = decode.eligible(self, cache, inputs)
         if plan is not None:
             return decode.step(self, inputs, cache, plan)
         start = cache[0].offset if cache is not None else 0

@@ -24,8 +24,8 @@ from typing import Callable, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from .memory_models import (MemoryModel, ResidualNorm, _layer_norm, gelu, has_closed_form, mlp_store_factors,
-                            mlp_store_grads)
+from .memory_models import (MemoryModel, ResidualNorm, _gamma, _layer_norm, gelu, has_closed_form,
+                            mlp_store_factors, mlp_store_grads)
 
 ACTIVATIONS = {"silu": nn.silu, "relu": nn.relu, "gelu": nn.gelu, "tanh": mx.tanh, "sigmoid": mx.sigmoid}
 
@@ -268,7 +268,8 @@ def _dual_store(s: Structure, factors, decay, eta, mod, valid, U, S, queries):
             gamma = A[..., None] * U[0][:, None] - weights(W, 0) @ g
             if S is not None:
                 gamma = gamma + B * S[0][:, None]
-            h = _layer_norm(h) * (mx.repeat(gamma, C, axis=1) + 1.0) + q
+            per_chunk = lambda t: t.reshape(bh, n, C, t.shape[-1])  # (BH, n*C, d) -> (BH, n, C, d)
+            h = (_layer_norm(per_chunk(h)) * _gamma(gamma) + per_chunk(q)).reshape(h.shape)  # as ResidualNorm
         reads.append(h)
 
         # the state after the sub-block: its last chunk's row of the coefficients
