@@ -19,6 +19,7 @@ from typing import Optional
 import mlx.core as mx
 import numpy as np
 
+from . import memory_step
 from .cache import read_memory_state, write_memory_state
 
 TRACES = {"token_step": 0, "store_step": 0}  # times each step was traced (tests check that decoding never retraces)
@@ -107,9 +108,10 @@ def _compiled(model, plan: tuple):
     if steps is None:
         steps = {}
         object.__setattr__(model, "_compiled_token_steps", steps)
-    if plan not in steps:
-        steps[plan] = mx.compile(lambda *a: _token_step(model, plan, *a), inputs=model.state)
-    return steps[plan]
+    key = (plan, model.training, memory_step.forms_key())  # the memory stores' form may change with these
+    if key not in steps:
+        steps[key] = mx.compile(lambda *a: _token_step(model, plan, *a), inputs=model.state)
+    return steps[key]
 
 
 def step(model, inputs: mx.array, cache: list, plan: tuple) -> mx.array:

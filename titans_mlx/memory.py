@@ -102,13 +102,15 @@ def _traced_store_block(*args, **kwargs):
     return store_block(*args, **kwargs)
 
 
-def _compiled_store_block(structure: Structure, want_updates: bool, want_stats: bool = False):
-    # the statistics are a separate compiled function, so the everyday step computes nothing extra; the form of the
-    # recurrences is part of the key, so that switching memory_step.DUAL_FORM takes effect
-    key = (structure, want_updates, memory_step.DUAL_FORM) + ((True,) if want_stats else ())
+def _compiled_store_block(structure: Structure, want_updates: bool, want_stats: bool = False, use_kernel: bool = True):
+    # the statistics are a separate compiled function, so the everyday step computes nothing extra; what the form
+    # of the recurrences depends on is part of the key (memory_step.choose_form), so switching
+    # memory_step.DUAL_FORM or registering a kernel takes effect
+    key = (structure, want_updates, use_kernel, memory_step.forms_key()) + ((True,) if want_stats else ())
     if key not in _COMPILED:
         kwargs = {"want_stats": True} if want_stats else {}
-        _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates, **kwargs))
+        _COMPILED[key] = mx.compile(partial(_traced_store_block, structure, want_updates, use_kernel=use_kernel,
+                                            **kwargs))
     return _COMPILED[key]
 
 
@@ -417,7 +419,8 @@ class NeuralMemory(nn.Module):
         read = mx.pad(retrieve_x, [(0, 0), (0, self.chunk_size - retrieve_x.shape[1]), (0, 0)])
         last_update, momentum, y, _, _ = store_block(
             self.structure, False, self._params_as(x.dtype), self._block_hparams(x.dtype), grad_point, last_update,
-            momentum or None, store, write, boundary, read, None if prev is None else [w[:, None] for w in prev])
+            momentum or None, store, write, boundary, read, None if prev is None else [w[:, None] for w in prev],
+            use_kernel=not self.training)
         return y[:, :retrieve_x.shape[1]].astype(out_dtype), last_update, momentum or []
 
     def __call__(self, x, state=None, prev_weights=None, return_surprises=False, return_updates=False,
@@ -468,7 +471,7 @@ class NeuralMemory(nn.Module):
         n_windows = -(-body.shape[1] // C)
         body = mx.pad(body, [(0, 0), (0, n_windows * C - body.shape[1]), (0, 0)])
         updates, losses, lrs, stats = [[w[:, None]] for w in last_update], [], [], []
-        step = _compiled_store_block(s, return_updates, return_stats)
+        step = _compiled_store_block(s, return_updates, return_stats, not self.training)
         hparams = self._block_hparams(x.dtype)
         for c0, kc, ends_batch in self._blocks(first_chunk, n_chunks, ttt, batch):
             K = 1 << (kc - 1).bit_length()  # bucket the block size: a handful of compiled shapes

@@ -300,15 +300,139 @@ def _dual_store(s: Structure, factors, decay, eta, mod, valid, U, S, queries):
     return U, (None if S is None else [m[None] for m in S]), reads
 
 
+@dataclass
+class Chunks:
+    """What the recurrences of K chunks of one (batch x head) memory take, the projections done (see store_block):
+    point, the gradient point per parameter, (BH, *shape) or (BH, K, *shape) with a weight residual; keys and
+    values (BH, K, c, dh) and lr (BH, K, c), c = C*u (less one with lookahead values); the per-chunk gates decay
+    (BH, K), eta (order, BH, K) or None, mod (params, BH, K) or None, combine (orders, BH, K) or None; valid and
+    boundary (K,) bool; queries (BH, K*C, dh), normed and projected."""
+
+    point: list
+    keys: mx.array
+    values: mx.array
+    lr: mx.array
+    decay: mx.array
+    eta: Optional[mx.array]
+    mod: Optional[mx.array]
+    combine: Optional[mx.array]
+    valid: mx.array
+    boundary: mx.array
+    queries: mx.array
+
+
+# A form of the recurrences (the shape of mlx-lm's gated_delta.py: an ops reference, faster forms, one function
+# choosing): form(s, hp, chunks, grad_point, last_update, momentum, want_updates, want_stats) -> (last_update,
+# momentum, reads (BH, K*C, dh) before the read-out, updates or None, loss (BH, K, c), (update norms, weight norms)
+# (BH, K) each with want_stats, else None). The loop form is the reference; the dual form is the same arithmetic in
+# fewer, larger ops. A backend's kernel slots in with register_kernel; none ships (none could be measured here).
+KERNELS: dict = {}  # device type ("gpu", "cpu") -> list of (fits(s, K, want_updates, want_stats) -> bool, form)
+
+
+def register_kernel(device: str, fits: Callable, form: Callable) -> None:
+    """Make ``form`` (the signature above) what store_block runs on ``device`` ("gpu" or "cpu", the default
+    device's type) wherever ``fits(s, K, want_updates, want_stats)``. The kernel is used only where the memory is
+    not training (``NeuralMemory.training`` False), unless its form is differentiable itself (mx.custom_function)
+    and ``fits`` says so. It must agree with the loop form (tests/test_memory_forms.py shows how to check)."""
+    KERNELS.setdefault(device, []).append((fits, form))
+
+
+def forms_key() -> tuple:
+    """What the choice of form depends on besides the arguments: part of every compiled store's cache key."""
+    return DUAL_FORM, str(mx.default_device()), tuple((d, id(f)) for d, entries in KERNELS.items() for _, f in entries)
+
+
+def choose_form(s: Structure, want_updates: bool, want_stats: bool, K: int, use_kernel: bool = True) -> Callable:
+    """The form store_block runs: a kernel registered for the default device where it fits (``use_kernel``), else
+    the dual form where it applies, else the loop form (the reference)."""
+    if use_kernel:
+        for fits, form in KERNELS.get(mx.default_device().type.name, []):
+            if fits(s, K, want_updates, want_stats):
+                return form
+    return dual_store if dual_form(s, want_updates, want_stats, K) else loop_store
+
+
+def dual_store(s: Structure, hp, c: Chunks, grad_point, last_update, momentum, want_updates, want_stats):
+    """The recurrences in the dual form (see the module docstring; where dual_form applies)."""
+    factors, loss = mlp_store_factors(s.model, c.point, c.keys, c.values, c.lr)
+    U, S, reads = _dual_store(s, factors, c.decay, None if c.eta is None else c.eta[0], c.mod, c.valid, last_update,
+                              momentum, c.queries)
+    return U, S, reads, None, loss, None
+
+
+def loop_store(s: Structure, hp, c: Chunks, grad_point, last_update, momentum, want_updates, want_stats):
+    """The recurrences chunk by chunk (the reference form; every option): S = eta*S - grad (per order),
+    U = (1 - alpha)*U + S; each new U serves the next window of C queries."""
+    K = c.decay.shape[1]
+    grads, loss = chunk_grads(s, c.point, c.keys, c.values, c.lr)
+    if s.clamp_grad_norm:
+        grads = [_softclamp_norm(g, hp["max_grad_norm"], 2) for g in grads]
+    if c.mod is not None:
+        grads = [_expand(m, g.ndim) * g for m, g in zip(c.mod, grads)]
+
+    # The momentum never depends on U, so every chunk's update is known first and Newton-Schulz (spectral norm)
+    # runs once on all K of them, batched: a few large matmuls instead of K rounds of small ones. (Reading chunk by
+    # chunk, not stacking K weight copies, is faster and lighter.)
+    S = list(momentum) if s.momentum else None
+    deltas = []
+    for i, g in enumerate(grads):
+        per_chunk_delta = []
+        chunk_grads_i = _unstack(g)
+        for k in range(K):
+            surprise = -chunk_grads_i[k]
+            delta = surprise
+            if s.momentum:
+                orders, x = [], surprise
+                for o in range(s.momentum_order):
+                    x = _expand(c.eta[o, :, k], x.ndim) * S[i][o] + x
+                    orders.append(x)
+                if s.learned_combine:
+                    terms = ([surprise] if s.combine_include_zeroth else []) + orders
+                    delta = sum(_expand(c.combine[j, :, k], t.ndim) * t for j, t in enumerate(terms))
+                else:
+                    delta = orders[-1]
+                S[i] = mx.where(c.valid[k], mx.stack(orders), S[i])
+            per_chunk_delta.append(delta)
+        if s.spectral_norm:
+            stacked = mx.stack(per_chunk_delta, axis=1)  # (BH, K, *shape) -> one batch of BH*K matrices
+            stacked = _newton_schulz5(stacked.reshape(-1, *stacked.shape[2:])).reshape(stacked.shape)
+            per_chunk_delta = list(_unstack(stacked))
+        deltas.append(per_chunk_delta)
+
+    bh, C = c.queries.shape[0], c.queries.shape[1] // K
+    chunk_queries = _unstack(c.queries.reshape(bh, K, C, -1))
+    U = list(last_update)
+    reads, updates, weight_norms = [], [], []
+    for k in range(K):
+        for i in range(len(U)):
+            new = mx.where(c.valid[k], _expand(1.0 - c.decay[:, k], U[i].ndim) * U[i] + deltas[i][k], U[i])
+            if s.gated_transition:  # at a mini-batch boundary ease from the gradient point to the new weights
+                W = grad_point[i]
+                new = mx.where(c.boundary[k], W + hp["transition_gate"] * (new - W), new)
+            U[i] = new
+        reads.append(s.model(U, chunk_queries[k]))
+        if want_updates:
+            updates.append(list(U))
+        if want_stats:
+            weight_norms.append(_norm(U))
+    reads = mx.stack(reads, axis=1).reshape(bh, K * C, -1)
+    updates = [mx.stack(us, axis=1) for us in zip(*updates)] if want_updates else None
+    if not want_stats:
+        return U, S, reads, updates, loss, None
+    update_norms = mx.where(c.valid, mx.stack([_norm([d[k] for d in deltas]) for k in range(K)], axis=1), 0.0)
+    return U, S, reads, updates, loss, (update_norms, mx.stack(weight_norms, axis=1))
+
+
 def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update, momentum, store_x, valid, boundary,
-                retrieve_x, prev, want_stats: bool = False):
+                retrieve_x, prev, want_stats: bool = False, use_kernel: bool = True):
     """Store K chunks and read the K windows they serve.
 
     grad_point/last_update: lists (BH, *shape); momentum: list (order, BH, *shape) or None;
     store_x: (b, K*C, dim) or (2, b, K*C, dim) raw store tokens; valid: (K,) bool (padding chunks are False);
     boundary: (K,) bool, True where a chunk ends a TTT mini-batch (the gated transition applies there);
     retrieve_x: (b, K*C, dim) raw query tokens of the windows; prev: list (BH, K, *shape) of the previous memory
-    layer's weights before each chunk (weight residual) or None; hp: dict of hyper-parameter arrays.
+    layer's weights before each chunk (weight residual) or None; hp: dict of hyper-parameter arrays; use_kernel:
+    whether a registered kernel may run the recurrences (see choose_form).
     Returns (last_update, momentum, retrieved (b, K*C, dim), updates (list (BH, K, *shape), if want_updates),
     (loss, lr) (BH, K, c')). With want_stats (what ``python -m titans_mlx.inspect`` draws; off in the hot path) the
     last item also holds, each (BH, K): the forget gate alpha of each chunk, the norm of the update it added (the
@@ -355,79 +479,22 @@ def store_block(s: Structure, want_updates: bool, p, hp, grad_point, last_update
         point = grad_point
     if s.lookahead:  # train each key on the next token's value, within the chunk
         keys, values, lr = keys[:, :, :-1], values[:, :, 1:], lr[:, :, :-1]
-    dual = dual_form(s, want_updates, want_stats, K)
-    n_params = len(grad_point)
-    mod = (per_chunk("to_layer_modulation", n_params) * hp["max_mem_layer_modulation"]
+    mod = (per_chunk("to_layer_modulation", len(grad_point)) * hp["max_mem_layer_modulation"]
            if s.layer_lr_modulation else None)
     eta = per_chunk("to_momentum", s.momentum_order) if s.momentum else None
-    if dual:
-        factors, loss = mlp_store_factors(s.model, point, keys, values, lr)
-        rx, queries = _queries(s, p, retrieve_x)
-        U, S, reads = _dual_store(s, factors, decay, None if eta is None else eta[0], mod, valid, last_update,
-                                  momentum, queries)
-        return U, S, _read_out(s, p, reads, rx), None, (loss, lr)
-    grads, loss = chunk_grads(s, point, keys, values, lr)
-    if s.clamp_grad_norm:
-        grads = [_softclamp_norm(g, hp["max_grad_norm"], 2) for g in grads]
-    if mod is not None:
-        grads = [_expand(m, g.ndim) * g for m, g in zip(mod, grads)]
+    combine = None
     if s.momentum and s.learned_combine:
         orders = s.momentum_order + int(s.combine_include_zeroth)
-        combine = per_chunk("to_learned_momentum_combine", orders, fn=None)
-        combine = mx.softmax(combine, axis=0, precise=True)
-
-    # the recurrences, chunk by chunk: S = eta*S - grad (per order), U = (1 - alpha)*U + S; each new U serves
-    # the next window of C queries. The momentum never depends on U, so every chunk's update is known first and
-    # Newton-Schulz (spectral norm) runs once on all K of them, batched: a few large matmuls instead of K rounds
-    # of small ones. (Reading chunk by chunk, not stacking K weight copies, is faster and lighter.)
-    S = list(momentum) if s.momentum else None
-    deltas = []
-    for i, g in enumerate(grads):
-        per_chunk_delta = []
-        chunk_grads_i = _unstack(g)
-        for k in range(K):
-            surprise = -chunk_grads_i[k]
-            delta = surprise
-            if s.momentum:
-                orders, x = [], surprise
-                for o in range(s.momentum_order):
-                    x = _expand(eta[o, :, k], x.ndim) * S[i][o] + x
-                    orders.append(x)
-                if s.learned_combine:
-                    terms = ([surprise] if s.combine_include_zeroth else []) + orders
-                    delta = sum(_expand(combine[j, :, k], t.ndim) * t for j, t in enumerate(terms))
-                else:
-                    delta = orders[-1]
-                S[i] = mx.where(valid[k], mx.stack(orders), S[i])
-            per_chunk_delta.append(delta)
-        if s.spectral_norm:
-            stacked = mx.stack(per_chunk_delta, axis=1)  # (BH, K, *shape) -> one batch of BH*K matrices
-            stacked = _newton_schulz5(stacked.reshape(-1, *stacked.shape[2:])).reshape(stacked.shape)
-            per_chunk_delta = list(_unstack(stacked))
-        deltas.append(per_chunk_delta)
-
+        combine = mx.softmax(per_chunk("to_learned_momentum_combine", orders, fn=None), axis=0, precise=True)
     rx, queries = _queries(s, p, retrieve_x)
-    chunk_queries = _unstack(queries.reshape(b * H, K, C, dh))
-    U = list(last_update)
-    reads, updates, weight_norms = [], [], []
-    for k in range(K):
-        for i in range(len(U)):
-            new = mx.where(valid[k], _expand(1.0 - decay[:, k], U[i].ndim) * U[i] + deltas[i][k], U[i])
-            if s.gated_transition:  # at a mini-batch boundary ease from the gradient point to the new weights
-                W = grad_point[i]
-                new = mx.where(boundary[k], W + hp["transition_gate"] * (new - W), new)
-            U[i] = new
-        reads.append(s.model(U, chunk_queries[k]))
-        if want_updates:
-            updates.append(list(U))
-        if want_stats:
-            weight_norms.append(_norm(U))
-    retrieved = _read_out(s, p, mx.stack(reads, axis=1).reshape(b * H, K * C, dh), rx)
-    updates = [mx.stack(us, axis=1) for us in zip(*updates)] if want_updates else None
+    chunks = Chunks(point, keys, values, lr, decay, eta, mod, combine, valid, boundary, queries)
+    form = choose_form(s, want_updates, want_stats, K, use_kernel)
+    U, S, reads, updates, loss, stats = form(s, hp, chunks, grad_point, last_update, momentum, want_updates,
+                                             want_stats)
+    retrieved = _read_out(s, p, reads, rx)
     if not want_stats:
         return U, S, retrieved, updates, (loss, lr)
-    update_norms = mx.where(valid, mx.stack([_norm([d[k] for d in deltas]) for k in range(K)], axis=1), 0.0)
-    return U, S, retrieved, updates, (loss, lr, decay, update_norms, mx.stack(weight_norms, axis=1))
+    return U, S, retrieved, updates, (loss, lr, decay) + stats
 
 
 def _norm(tensors):
