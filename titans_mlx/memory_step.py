@@ -11,6 +11,9 @@ linear (no spectral norm, gated transition, gradient clamp or learned momentum c
 weights as U_k = A_k U_0 + B_k S_0 - sum_j W_kj X_j^T D_j, with X_j, D_j the factors of chunk j's gradient, so a read
 q @ U_k is A_k (q @ U_0) + B_k (q @ S_0) - ((q @ X^T) * W) @ D over all chunks at once: a few large matmuls (TTT's
 dual form); the weights are formed once per DUAL_TOKENS queries. Both forms are the same arithmetic up to rounding.
+``choose_form`` picks the form per compiled store, as mlx-lm's gated_delta.py picks between its ops reference and its
+kernel: a kernel registered for the default device (``register_kernel``; none ships), else the dual form where it
+applies, else the loop form, the reference every other form is tested against.
 
 Layouts: b batch, H heads, BH = b*H (batch-major, as titans-pytorch's ``(b h)``), K chunks, C chunk size,
 u keys per token, dh head width. Memory parameters are lists of arrays with a leading BH (and K) axis.
