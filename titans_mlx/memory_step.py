@@ -334,9 +334,9 @@ KERNELS: dict = {}  # device type ("gpu", "cpu") -> list of (fits(s, K, want_upd
 
 def register_kernel(device: str, fits: Callable, form: Callable) -> None:
     """Make ``form`` (the signature above) what store_block runs on ``device`` ("gpu" or "cpu", the default
-    device's type) wherever ``fits(s, K, want_updates, want_stats)``. The kernel is used only where the memory is
-    not training (``NeuralMemory.training`` False), unless its form is differentiable itself (mx.custom_function)
-    and ``fits`` says so. It must agree with the loop form (tests/test_memory_forms.py shows how to check)."""
+    device's type) wherever ``fits(s, K, want_updates, want_stats)``, outside training only (``NeuralMemory.training``
+    False: a kernel need not be differentiable, as mlx-lm uses its gated-delta kernel). It must agree with the loop
+    form (tests/test_memory_forms.py shows how to check)."""
     KERNELS.setdefault(device, []).append((fits, form))
 
 
