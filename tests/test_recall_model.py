@@ -35,5 +35,5 @@ def test_recall_model_recalls_a_passkey_through_its_memory():
     learning = digit_accuracy(model, tokenizer, samples)
     with memory_frozen(model):
         frozen = digit_accuracy(model, tokenizer, samples)
-    # measured 0.975 and 0.025 (chance 0.10): the digits come from what the memory wrote
+    # measured 0.975 and 0.075 (chance 0.10): the digits come from what the memory wrote
     assert learning > 0.6 and frozen < 0.3, (learning, frozen)
